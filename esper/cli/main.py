@@ -1,16 +1,33 @@
-"""`esper`: the command-line entry point. Commands live one per module; this file only wires them."""
+"""`esper`: the command-line entry point. Commands live one per module and load on first use, so
+`esper log check` never pays for importing torch."""
 
+import importlib
 import sys
 import traceback
 
 import click
 
-from esper.cli.errors import EXIT_INTERNAL, EXIT_USER
-from esper.cli.log_cmd import log
-from esper.cli.schemas_cmd import schemas
+from esper.cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
+
+COMMANDS = {
+    "log": "esper.cli.log_cmd:log",
+    "run": "esper.cli.run_cmd:run",
+    "schemas": "esper.cli.schemas_cmd:schemas",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -18,16 +35,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for command in (log, schemas):
-    cli.add_command(command)
-
-
 def main() -> None:
     debug = "--debug" in sys.argv[1:2]
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        code = 130
+        code = EXIT_INTERRUPTED
+    except click.UsageError as exc:
+        hint = f" (see 'esper {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.info_name != "cli" else ""
+        click.echo(f"esper: error: {exc.format_message()}{hint}", err=True)
+        code = EXIT_USER
     except click.ClickException as exc:
         if debug:
             traceback.print_exc()
@@ -35,11 +52,10 @@ def main() -> None:
         code = exc.exit_code
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
     except Exception:
         traceback.print_exc()
         click.echo("esper: internal error: this is a bug; please report it with the traceback above", err=True)
         code = EXIT_INTERNAL
     sys.exit(code if isinstance(code, int) else 0)
-
-
-__all__ = ["cli", "main", "EXIT_USER"]

@@ -11,6 +11,8 @@ import msgspec
 
 from esper.events.enums import Gate, Stage
 
+# A float that may be absent ("not measured") or non-finite: JSON has no NaN, so the export writes
+# null, and the same type decodes both formats.
 Number = float | None
 
 
@@ -191,10 +193,10 @@ class EpochCompleted(Event, tag="EpochCompleted", kw_only=True):
         }
     )
     epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
+    train_loss: Number
+    train_acc: Number
+    val_loss: Number
+    val_acc: Number
     n_train: int
     n_val: int
     total_params: int
@@ -244,15 +246,15 @@ class RewardComputed(Event, tag="RewardComputed", kw_only=True):
     epoch: int
     decision_epoch: int
     mode: str
-    components: dict[str, float]
-    total_raw: float
+    components: dict[str, Number]
+    total_raw: Number
     governor: bool
     terminated: bool
     truncated: bool
-    score_before: float
-    score_after: float
-    potential_before: float
-    potential_after: float
+    score_before: Number
+    score_after: Number
+    potential_before: Number
+    potential_after: Number
     seed_params_total: int
     host_params: int
     seeds: tuple[SeedRewardInput, ...]
@@ -262,7 +264,7 @@ class GovernorRolledBack(Event, tag="GovernorRolledBack", kw_only=True):
     epoch: int
     reason: str  # nan_loss | lobotomy | divergence
     restored_epoch: int
-    loss_at_panic: float
+    loss_at_panic: Number
     threshold: Number
     consecutive_panics: int
     culled: tuple[str, ...]
@@ -351,11 +353,11 @@ class SeedMeasured(SeedEvent, tag="SeedMeasured", kw_only=True):
 class CounterfactualMeasured(SeedEvent, tag="CounterfactualMeasured", kw_only=True):
     kind: str  # ablation | shadow
     alpha: float
-    real_acc: float
-    ablated_acc: float
-    contribution: float
-    real_loss: float
-    ablated_loss: float
+    real_acc: Number
+    ablated_acc: Number
+    contribution: Number
+    real_loss: Number
+    ablated_loss: Number
     n_examples: int
 
 
