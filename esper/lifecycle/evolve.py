@@ -3,16 +3,12 @@ seq or timestamp, so a buffered batch folds before rank 0 stamps it."""
 
 from typing import Any, Callable
 
-import attrs
-
 from esper.events import catalogue as ev
 from esper.events.enums import Gate, Stage
 from esper.lifecycle.config import LifecycleConfig
 from esper.lifecycle.errors import ReplayError
 from esper.lifecycle.stages import LIVE, is_valid_transition
-from esper.lifecycle.state import Counterfactual, EnvState, RunState, SeedState, SlotState
-
-_replace = attrs.evolve
+from esper.lifecycle.state import Counterfactual, EnvState, RunState, SeedState, SlotState, replace as _replace
 
 
 def evolve(state: RunState, record: Any) -> RunState:

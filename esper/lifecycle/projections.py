@@ -11,8 +11,8 @@ import attrs
 
 from esper.events import catalogue as ev
 from esper.events.enums import Stage
+from esper.lifecycle.state import replace as _replace
 
-_replace = attrs.evolve
 
 
 @attrs.frozen
@@ -104,12 +104,13 @@ class Projector:
         self._counts: Counter[str] = Counter()
         self._run = RunView()
         self._episode_of: dict[int, int] = {}
+        self._last_seq = -1
         self._last_acc: dict[tuple[int, int], float] = {}
         self._alive: dict[tuple[int, int], list[tuple[int, int, str]]] = {}  # seeds still in a slot
 
     def apply(self, record: Any) -> None:
         event = record.event
-        self._run = _replace(self._run, last_seq=record.seq) if hasattr(record, "seq") else self._run
+        self._last_seq = getattr(record, "seq", self._last_seq)
         handler = _HANDLERS.get(type(event))
         if handler is not None:
             handler(self, record, event)
@@ -120,7 +121,7 @@ class Projector:
             self._run,
             episodes=tuple((e, ep, n) for (e, ep), n in sorted(self._episodes.items())),
             curves=tuple((e, ep, t, p) for (e, ep, t), p in sorted(self._curves.items(), key=lambda i: i[0])),
-            counts=counts,
+            counts=counts, last_seq=self._last_seq,
         )
         return Projections(run=run, seeds=tuple(self._seeds.values()),
                            slots=tuple(self._slots.values()))  # canonical slot order

@@ -10,6 +10,22 @@ from esper.lifecycle.config import LifecycleConfig
 from esper.lifecycle.stages import ACTIVE, LIVE
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def replace(instance: Any, **changes: Any) -> Any:
+    """`attrs.evolve` without its per-call introspection: the fold calls this for nearly every
+    record, and attrs.evolve was most of replay's time. Only for the validator-free state classes."""
+    cls = type(instance)
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in attrs.fields(cls))
+    for name in names:
+        if name not in changes:
+            changes[name] = getattr(instance, name)
+    return cls(**changes)
+
+
 @attrs.frozen
 class Counterfactual:
     value: float
@@ -94,9 +110,7 @@ class EnvState:
         return None
 
     def with_slot(self, new: SlotState) -> "EnvState":
-        return attrs.evolve(
-            self, slots=tuple(new if s.slot_id == new.slot_id else s for s in self.slots)
-        )
+        return replace(self, slots=tuple(new if s.slot_id == new.slot_id else s for s in self.slots))
 
     def live_seeds(self) -> int:
         return sum(1 for s in self.slots if s.live)
@@ -114,7 +128,7 @@ class RunState:
     envs: dict[int, EnvState] = attrs.Factory(dict)
 
     def with_env(self, env: int, state: EnvState) -> "RunState":
-        return attrs.evolve(self, envs={**self.envs, env: state})
+        return replace(self, envs={**self.envs, env: state})
 
     def blueprint(self, name: str) -> CatalogueEntry | None:
         return next((c for c in self.catalogue if c.name == name), None)

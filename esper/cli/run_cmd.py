@@ -1,0 +1,80 @@
+"""`esper run`: train a host and grow it under a policy (runtime §7.1)."""
+
+import sys
+from pathlib import Path
+
+import click
+
+from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
+from esper.cli.progress import EpochPrinter, seeds_table
+from esper.compute.engine import GovernorExhausted
+from esper.events.log_errors import LogError
+from esper.policy import run_config
+from esper.policy.runner import Run, RunError, create_run_dir, execute, load_data, resume
+from esper.tasks.errors import DataError
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command("run")
+@click.option("--task", help="digits (default), cifar10, cifar10_impaired, text, synthetic.")
+@click.option("--data", "data", type=click.Path(path_type=Path), help="Data directory or file.")
+@click.option("--policy", help="none, random or heuristic (default).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs (default: the task's).")
+@click.option("--slots", help="Comma-separated slot ids (default: early,mid,late).")
+@click.option("--blueprints", help="Comma-separated blueprints the policy may use (default: all).")
+@click.option("--max-seeds", type=click.IntRange(min=0), help="Live seeds per env, fossils included (0: no limit).")
+@click.option("--seed", type=click.IntRange(min=0), help="Run seed (default 0).")
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--backend", type=click.Choice(["torch"]), help="Compute backend (default torch).")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision (default off).")
+@click.option("--fsync", type=click.Choice(["always", "epoch", "never"]), help="Log durability (default epoch).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="A TOML config file.")
+@click.option("--set", "assignments", multiple=True, help="KEY=VALUE config override (TOML literal).")
+@click.option("--out", type=click.Path(path_type=Path), help="Parent directory of the run (default: runs).")
+@click.option("--name", help="Run directory name (default: generated).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Resume an interrupted run.")
+@click.option("--quiet", is_flag=True, help="No per-epoch progress.")
+def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, backend, amp, fsync,
+        config_file, assignments, out, name, resume_dir, quiet) -> None:
+    """Train a host network and grow seeds in its slots; every fact goes to the run's event log."""
+    flags = {
+        "task": task, "data": str(data) if data else None, "policy": policy, "epochs": epochs,
+        "slots": _csv(slots), "blueprints": _csv(blueprints), "seed": seed, "device": device,
+        "backend": backend, "fsync": fsync,
+    }
+    layer = {"run": {k: v for k, v in flags.items() if v is not None}}
+    if max_seeds is not None:
+        layer["lifecycle"] = {"max_seeds": max_seeds}
+    if amp is not None:
+        layer["train"] = {"amp": amp}
+    printer = None if quiet else EpochPrinter()
+    try:
+        if resume_dir is not None:
+            overrides = {k: v for k, v in layer["run"].items()}
+            the_run = resume(resume_dir, out, overrides, printer)
+            outcome = execute(the_run, resume=True)
+        else:
+            layers = [run_config.read_file(config_file)] if config_file else []
+            layers += [layer] + [run_config.parse_set(a) for a in assignments]
+            config = run_config.resolve(*layers)
+            data_loaded = load_data(config)
+            the_run = Run(config, create_run_dir(out or Path("runs"), name, config), data_loaded, printer)
+            click.echo(f"run directory: {the_run.run_dir}", err=True)
+            outcome = execute(the_run)
+    except (run_config.ConfigError, DataError, RunError, LogError) as error:
+        raise UserError(str(error)) from None
+    except GovernorExhausted as error:
+        raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")
+    except OSError as error:
+        raise RunFailed(f"{error} (free some space or choose another --out)") from None
+    click.echo(seeds_table(outcome.seeds, outcome.epochs))
+    final = outcome.final
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in final.items() if v is not None)
+    click.echo(f"{outcome.status}: {outcome.epochs} epochs; {summary}")
+    click.echo(f"run directory: {outcome.run_dir}")
+    if outcome.status == "interrupted":
+        click.echo(f"resume with: esper run --resume {outcome.run_dir}", err=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,168 @@
+"""The run configuration (runtime §7.6): TOML sections structured strictly into frozen attrs classes.
+
+Precedence: built-in defaults < task defaults < `--config` file < CLI flags < `--set`. Every layer
+is a plain nested dict merged in that order; cattrs then structures the result once, so every key
+is checked the same way whatever layer set it.
+"""
+
+import difflib
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+
+from esper.compute.settings import GovernorSettings, RunSettings, TrainSettings
+from esper.lifecycle.config import LifecycleConfig
+from esper.policy.heuristic import HeuristicConfig
+from esper.policy.rewards import RewardConfig
+from esper.tasks.spec import get_task
+
+
+@attrs.frozen
+class RunConfig:
+    run: RunSettings = RunSettings()
+    train: TrainSettings = TrainSettings()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    governor: GovernorSettings = GovernorSettings()
+    heuristic: HeuristicConfig = HeuristicConfig()
+    reward: RewardConfig = RewardConfig()
+
+
+class ConfigError(ValueError):
+    """A one-line configuration error naming the dotted key."""
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _field_names(cls: type) -> dict[str, Any]:
+    return {f.name: f for f in attrs.fields(cls)}
+
+
+def _check_keys(data: dict[str, Any], cls: type, prefix: str = "") -> None:
+    """Unknown keys first, with a suggestion, before cattrs sees anything."""
+    fields = _field_names(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            choices = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(choices)})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        field_type = fields[key].type
+        if attrs.has(field_type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a table, got {value!r}")
+            _check_keys(value, field_type, f"{dotted}.")
+
+
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def task_defaults(task_name: str) -> dict[str, Any]:
+    spec = get_task(task_name)
+    return {
+        "run": {"epochs": spec.default_epochs},
+        "train": {"lr_schedule": spec.lr_schedule, "grad_clip": spec.grad_clip,
+                  "warmup_steps": spec.warmup_steps, "min_lr_ratio": spec.min_lr_ratio},
+        "governor": {"absolute": 15.0 if spec.topology == "transformer" else 12.0},
+    }
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """`a.b=VALUE` with VALUE a TOML literal (a bare word is taken as a string)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set needs KEY=VALUE, got {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node: dict[str, Any] = {}
+    target = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+    return node
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: '{path}'") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+
+
+def resolve(*layers: dict[str, Any]) -> RunConfig:
+    """Merge user layers over the task defaults over the built-in defaults, and structure."""
+    user: dict[str, Any] = {}
+    for layer in layers:
+        _check_keys(layer, RunConfig)
+        user = merge(user, layer)
+    task = user.get("run", {}).get("task", RunSettings().task)
+    if not isinstance(task, str):
+        raise ConfigError(f"config key 'run.task' expects a string, got {task!r}")
+    return structure(merge(task_defaults(task), user))
+
+
+def structure(data: dict[str, Any]) -> RunConfig:
+    _check_keys(data, RunConfig)
+    try:
+        return _converter.structure(data, RunConfig)
+    except cattrs.BaseValidationError as exc:
+        messages = cattrs.transform_error(exc, path="")
+        raise ConfigError(_first_line(messages)) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid config value: {exc}") from None
+
+
+def _first_line(messages: list[str]) -> str:
+    message = messages[0] if messages else "invalid configuration"
+    what, _, where = message.rpartition(" @ ")
+    return f"config key '{where.lstrip('.')}': {what}" if where else message
+
+
+def unstructure(config: RunConfig) -> dict[str, Any]:
+    return _converter.unstructure(config)
+
+
+def config_hash(config: RunConfig) -> str:
+    return hashlib.sha256(dump_toml(unstructure(config)).encode()).hexdigest()
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """The TOML subset the configuration uses: tables of str, int, float, bool and lists of those."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_literal(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

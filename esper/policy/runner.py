@@ -1,0 +1,372 @@
+"""`esper run` as an application service: validate everything up front, then drive one engine.
+
+The run directory (runtime §6.1) holds `config.toml`, `events.elog` and `checkpoints/`. A resumed
+run is a fork (events §7) into a sibling directory; the interrupted one is never modified.
+"""
+
+import os
+import signal
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+import torch
+
+from esper.compute.blueprints import catalogue
+from esper.compute.checkpoints import prune, read_checkpoint, write_checkpoint
+from esper.compute.engine import Engine
+from esper.compute.governor import Governor
+from esper.compute.run_header import run_started
+from esper.compute.streams import episode_seed
+from esper.compute.torch_backend import TorchBackend
+from esper.events import catalogue as ev
+from esper.events.log import prefix_sha256
+from esper.events.log_reader import LogReader
+from esper.events.log_writer import LogWriter
+from esper.lifecycle import commands as cmd
+from esper.lifecycle.decide import state_digest
+from esper.lifecycle.projections import SeedView
+from esper.policy.baselines import NonePolicy, RandomPolicy
+from esper.policy.heuristic import HeuristicPolicy
+from esper.policy.rewards import make_reward_function
+from esper.policy.run_config import ConfigError, RunConfig, config_hash, dump_toml, structure, unstructure
+from esper.tasks import TaskData, load_task
+
+LOG_NAME = "events.elog"
+CHECKPOINT_FORMAT = 1
+DEFAULT_GAMMA = 0.995  # policy §5.6; the PPO section will own it
+
+
+class RunError(Exception):
+    """A user error found before or while starting a run: one line, exit code 2."""
+
+
+@attrs.frozen
+class RunOutcome:
+    run_dir: Path
+    status: str
+    epochs: int
+    final: dict[str, float | None]
+    seeds: tuple[SeedView, ...]
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def policy_blueprints(config: RunConfig, topology: str) -> tuple[str, ...]:
+    known = [bp.name for bp in catalogue(topology)]
+    chosen = config.run.blueprints or tuple(n for n in known if n != "noop")
+    for name in chosen:
+        if name not in known:
+            raise RunError(f"unknown blueprint '{name}' for topology {topology} "
+                           f"(choose from {', '.join(n for n in known if n != 'noop')})")
+    return tuple(chosen)
+
+
+def check_slots(config: RunConfig) -> None:
+    valid = ("early", "mid", "late")
+    for slot in config.run.slots:
+        if slot not in valid:
+            raise RunError(f"unknown slot '{slot}' (choose from {', '.join(valid)})")
+    if not config.run.slots:
+        raise RunError("no slot enabled (pass --slots with some of early, mid, late)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunError(f"device '{name}' requested but CUDA is not available (use --device cpu)")
+        return torch.device(name)
+    if name != "cpu":
+        raise RunError(f"unknown device '{name}' (choose from auto, cpu, cuda, cuda:N)")
+    return torch.device("cpu")
+
+
+def make_controller(config: RunConfig, env: int = 0) -> Any:
+    spec = config.run.policy
+    if spec == "none":
+        return NonePolicy()
+    if spec == "random":
+        return RandomPolicy(config.run.seed, env)
+    if spec == "heuristic":
+        return HeuristicPolicy(config.heuristic)
+    raise RunError(f"unknown policy '{spec}' (choose from none, random, heuristic)")
+
+
+def load_data(config: RunConfig) -> TaskData:
+    """Fail before the first epoch: every name, the device and the data are checked here, before a
+    run directory exists (runtime §8, rule 1)."""
+    check_slots(config)
+    make_controller(config)
+    resolve_device(config.run.device)
+    data = load_task(config.run.task, config.run.data or None)
+    policy_blueprints(config, data.spec.topology)
+    return data
+
+
+# -- the run directory ----------------------------------------------------------------------
+
+
+def create_run_dir(out: Path, name: str | None, config: RunConfig) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    if name:
+        path = out / name
+        if path.exists() and any(path.iterdir()):
+            raise RunError(f"run directory '{path}' already exists and is not empty (choose another --name)")
+        path.mkdir(exist_ok=True)
+        return path
+    kind = config.run.policy.split(":")[0]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    base = f"{config.run.task}-{kind}-{stamp}-s{config.run.seed}"
+    for k in range(1, 10_000):
+        path = out / (base if k == 1 else f"{base}-{k}")
+        try:
+            path.mkdir()  # atomic: the first free name wins
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"no free run directory name under '{out}'")
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+class Interrupt:
+    """The first SIGINT/SIGTERM lets the epoch finish; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "Interrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def configure_torch(config: RunConfig, device: torch.device) -> int:
+    threads = config.run.threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(config.run.deterministic)
+    torch.manual_seed(config.run.seed)  # a guard: every real draw comes from a named stream
+    return threads
+
+
+class Run:
+    """One `esper run`: its config, data, backend, controller, engine and log writer."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, data: TaskData,
+                 on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None):
+        self.config, self.run_dir, self.data = config, run_dir, data
+        self.device = resolve_device(config.run.device)
+        self.threads = configure_torch(config, self.device)
+        spec = data.spec
+        self.blueprints = policy_blueprints(config, spec.topology)
+        self.backend = TorchBackend(data, config.train, config.lifecycle, config.run.slots, self.device)
+        self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync)
+        self.engine = Engine(
+            writer=self.writer, run_id=run_dir.name, backend=self.backend, controller=make_controller(config),
+            reward=make_reward_function(config.reward, DEFAULT_GAMMA),
+            governor=Governor(config.governor, spec.l_rand), blueprints=self.blueprints, l_rand=spec.l_rand,
+            snapshot_every=config.governor.snapshot_every,
+            counterfactual_all_off=config.train.counterfactual_all_off,
+            checkpoint=self._checkpoint if config.run.checkpoint_every else None, on_epoch=on_epoch,
+        )
+        self.first_epoch = 1
+
+    def header(self, forked_from: ev.ForkOrigin | None = None) -> ev.RunStarted:
+        spec = self.data.spec
+        host = self.backend.build(episode_seed(self.config.run.seed, 0, 0), self.config.run.epochs)
+        return run_started(
+            config=unstructure(self.config), config_hash=config_hash(self.config), seed=self.config.run.seed,
+            device=str(self.device), deterministic=self.config.run.deterministic, threads=self.threads,
+            task=spec.name, topology=spec.topology, host=host, enabled=self.config.run.slots,
+            score_kind=spec.score_kind, data_digest=self.data.data_digest, forked_from=forked_from,
+        )
+
+    def start(self) -> None:
+        (self.run_dir / "config.toml").write_text(dump_toml(unstructure(self.config)))
+        self.engine.start_run(self.header(), self.config.run.seed)
+        host_params, _ = self.backend.param_counts()
+        self.engine.start_episode(0, self.backend.episode_seed, self.config.run.epochs, self.config.run.slots,
+                                  host_params)
+
+    def _checkpoint(self, engine: Engine, epoch: int) -> None:
+        if epoch % self.config.run.checkpoint_every:
+            return
+        covers = self.writer.next_seq - 1
+        env_state = engine.state.envs[0]
+        state = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "covers_seq": covers,
+            "digest": state_digest(env_state), "backend": self.backend.state_dict(),
+            "governor": engine.governor.state_dict(), "controller": engine.controller.state_dict(),
+            "snapshot": engine.snapshot,
+        }
+        path, sha, size = write_checkpoint(self.run_dir, epoch, state)
+        engine.execute(cmd.RecordCheckpoint(path=path, sha256=sha, size=size, covers_seq=covers, kind="full"))
+
+    def train(self, interrupt: Interrupt) -> str:
+        for epoch in range(self.first_epoch, self.config.run.epochs + 1):
+            finished = self.engine.step(0, epoch)
+            if self.config.run.checkpoint_every:
+                prune(self.run_dir, self.config.run.keep_checkpoints)
+            if finished:
+                return "completed"
+            if interrupt.requested:
+                return "interrupted"
+        return "completed"
+
+    def finish(self, status: str, error: BaseException | None = None) -> dict[str, float | None]:
+        final: dict[str, float | None] = {}
+        env_state = self.engine.state.envs.get(0)
+        if env_state is not None:
+            final = {"val_acc": env_state.last_val_acc, "val_loss": env_state.last_val_loss,
+                     "best_val_acc": env_state.best_val_acc}
+        if status == "completed":
+            test = self.backend.test()
+            final.update(test_acc=test.score, test_loss=test.loss)
+        self.engine.execute(cmd.FinishRun(
+            status=status, final=final, error_type=type(error).__name__ if error else None,
+            error_message=str(error) if error else None,
+        ))
+        self.writer.close()
+        return final
+
+    def outcome(self, status: str, final: dict[str, float | None]) -> RunOutcome:
+        env_state = self.engine.state.envs.get(0)
+        return RunOutcome(run_dir=self.run_dir, status=status, epochs=env_state.epoch if env_state else 0,
+                          final=final, seeds=self.engine.projector.snapshot().seeds)
+
+
+def execute(run: Run, resume: bool = False) -> RunOutcome:
+    """Train to the end (or an interrupt); a failure still writes RunFinished(failed) when it can."""
+    try:
+        with Interrupt() as interrupt:
+            if not resume:
+                run.start()
+            status = run.train(interrupt)
+    except BaseException as error:
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        try:
+            run.finish(status, None if status == "interrupted" else error)
+        except Exception:
+            pass  # the log stays valid up to its last commit; the original error is what matters
+        raise
+    return run.outcome(status, run.finish(status))
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
+           on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None) -> Run:
+    """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4)."""
+    log = parent / LOG_NAME
+    records = list(LogReader(log).records())
+    if not records or not isinstance(records[0].event, ev.RunStarted):
+        raise RunError(f"'{parent}' holds no readable run log to resume")
+    recorded = structure(records[0].event.config)
+    config = _resumed_config(recorded, overrides)
+    cut, checkpoint = _usable_checkpoint(parent, records)
+    run_dir = _sibling(parent, out)
+    run = Run(config, run_dir, load_data(config), on_epoch)
+    origin = ev.ForkOrigin(run_id=records[0].run_id, seq=cut, prefix_sha256=prefix_sha256(log, cut))
+    (run_dir / "config.toml").write_text(dump_toml(unstructure(config)))
+    engine = run.engine
+    engine.start_run(run.header(origin), config.run.seed)
+    if checkpoint is None:  # nothing usable: start again from the beginning, same config
+        host_params, _ = run.backend.param_counts()
+        engine.start_episode(0, run.backend.episode_seed, config.run.epochs, config.run.slots, host_params)
+        return run
+    _copy_prefix(run, records[1:cut + 1])
+    run.backend.load_state_dict(checkpoint["backend"])
+    engine.governor.load_state_dict(checkpoint["governor"])
+    engine.controller.load_state_dict(checkpoint["controller"])
+    engine.snapshot = checkpoint["snapshot"]
+    run.first_epoch = checkpoint["epoch"] + 1
+    run.writer.commit()
+    return run
+
+
+def _resumed_config(recorded: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Only --epochs (extend only) and --device may change on resume."""
+    config = recorded
+    for key, value in overrides.items():
+        if key == "epochs":
+            if value < recorded.run.epochs:
+                raise RunError(f"--epochs {value} would shorten the run ({recorded.run.epochs}); resume can only "
+                               "extend it")
+            config = attrs.evolve(config, run=attrs.evolve(config.run, epochs=value))
+        elif key == "device":
+            config = attrs.evolve(config, run=attrs.evolve(config.run, device=value))
+        elif getattr(recorded.run, key, value) != value:
+            raise RunError(f"option '{key}' differs from the run being resumed (only --epochs and --device may "
+                           "change)")
+    return config
+
+
+def _usable_checkpoint(parent: Path, records: list) -> tuple[int, dict | None]:
+    """The newest checkpoint in the complete prefix whose digest matches the folded log."""
+    from esper.lifecycle.fold import fold
+
+    for record in reversed(records):
+        event = record.event
+        if not isinstance(event, ev.CheckpointWritten):
+            continue
+        path = parent / event.path
+        if not path.exists():
+            continue
+        try:
+            state = read_checkpoint(path)
+        except Exception:
+            continue
+        folded = fold(r for r in records if r.seq <= event.covers_seq).state
+        env_state = folded.envs.get(0)
+        if state.get("format") == CHECKPOINT_FORMAT and env_state is not None and \
+                state_digest(env_state) == state["digest"]:
+            return record.seq, state
+    return 0, None
+
+
+def _sibling(parent: Path, out: Path | None) -> Path:
+    base = out if out is not None else parent.parent
+    base.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        path = base / f"{parent.name}.r{k}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"no free directory name for resuming '{parent}'")
+
+
+def _copy_prefix(run: Run, records: list) -> None:
+    """Re-append the parent's records (same batches, new run id) and fold them into the engine."""
+    batch: list = []
+    for record in records:
+        batch.append(record)
+        if record.batch_end:
+            before = run.engine.state
+            stamped = run.writer.append_batch(run.engine.run_id, batch[0].env, batch[0].episode,
+                                              [r.event for r in batch])
+            for new in stamped:
+                run.engine.absorb(new, before)
+            batch = []
+    if 0 in run.engine.state.envs:
+        run.engine.controller.reset(0, run.engine.state.envs[0].episode, run.config.run.epochs)
+
+
+__all__ = ["ConfigError", "Run", "RunError", "RunOutcome", "create_run_dir", "execute", "load_data", "resume"]
