@@ -42,6 +42,8 @@ def decode_record(data: bytes | memoryview, offset: int | None = None) -> Record
     stays a `msgspec.DecodeError`/`ValidationError` for the caller to classify."""
     try:
         return _record_decoder.decode(data)
+    except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 in a string through as this
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None
     except msgspec.ValidationError:
         from esper.events.envelope import SCHEMA_VERSION
         from esper.events.catalogue import EVENT_TYPES
@@ -55,7 +57,10 @@ def decode_record(data: bytes | memoryview, offset: int | None = None) -> Record
 
 
 def decode_envelope(data: bytes | memoryview) -> RawRecord:
-    return _raw_decoder.decode(data)
+    try:
+        return _raw_decoder.decode(data)
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None
 
 
 def encode_event(event: Event) -> bytes:

@@ -197,4 +197,7 @@ def encode_command(command: Command) -> bytes:
 def decode_command(data: bytes) -> Command:
     """Strict: unknown fields, unknown tags and wrong types raise `msgspec.ValidationError` or
     `msgspec.DecodeError`, never anything else."""
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 in a string through as this
+        raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None

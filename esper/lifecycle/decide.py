@@ -15,7 +15,7 @@ from esper.events.enums import Gate, Stage
 from esper.lifecycle import commands as cmd
 from esper.lifecycle.blend import BLEND_KINDS, ramp_alpha
 from esper.lifecycle.errors import DomainError
-from esper.lifecycle.evolve import apply_env_event
+from esper.lifecycle.evolve import apply_env_event, lifecycle_config
 from esper.lifecycle.gates import GateVerdict, evaluate_g0, evaluate_gate
 from esper.lifecycle.stages import CULLABLE, LIVE, NATURAL_NEXT, gate_for_target
 from esper.lifecycle.state import EnvState, RunState, SlotState, env_digest_value
@@ -148,6 +148,10 @@ def _improvement(seed) -> float | None:
 def _start_run(c: cmd.StartRun, state: RunState) -> list[Event]:
     if state.status is not None:
         raise DomainError("run_already_started", "a run has already started")
+    try:  # evolve must be able to fold whatever decide emits
+        lifecycle_config(c.run.config)
+    except (TypeError, ValueError) as exc:
+        raise DomainError("invalid_config", f"the run's lifecycle configuration is invalid: {exc}") from None
     return [c.run]
 
 

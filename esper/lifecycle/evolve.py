@@ -41,9 +41,13 @@ class _Invalid(Exception):
 def _run_started(state: RunState, event: ev.RunStarted, record: Any) -> RunState:
     if state.status is not None:
         raise ReplayError(getattr(record, "seq", None), "a second RunStarted")
+    try:
+        config = lifecycle_config(event.config)
+    except (TypeError, ValueError) as exc:
+        raise ReplayError(getattr(record, "seq", None), f"invalid lifecycle configuration: {exc}") from None
     return RunState(
         status="running",
-        config=lifecycle_config(event.config),
+        config=config,
         topology=event.topology,
         catalogue=event.catalogue,
         slots_info=event.slots,
