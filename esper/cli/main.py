@@ -10,7 +10,10 @@ import click
 from esper.cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
 
 COMMANDS = {
+    "fork": "esper.cli.fork_cmd:fork",
     "log": "esper.cli.log_cmd:log",
+    "replay": "esper.cli.replay_cmd:replay",
+    "report": "esper.cli.report_cmd:report",
     "run": "esper.cli.run_cmd:run",
     "schemas": "esper.cli.schemas_cmd:schemas",
 }

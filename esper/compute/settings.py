@@ -27,6 +27,11 @@ class RunSettings:
 
 
 @attrs.frozen
+class TaskSettings:
+    host: str = ""  # a host preset of the task's topology; empty: the task's own (text: tiny)
+
+
+@attrs.frozen
 class TrainSettings:
     amp: str = attrs.field(default="off", validator=v.in_(("off", "bf16", "fp16")))
     compile: bool = False

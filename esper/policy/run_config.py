@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from esper.compute.settings import GovernorSettings, RunSettings, TrainSettings
+from esper.compute.settings import GovernorSettings, RunSettings, TaskSettings, TrainSettings
 from esper.lifecycle.config import LifecycleConfig
 from esper.policy.heuristic import HeuristicConfig
 from esper.policy.rewards import RewardConfig
@@ -24,6 +24,7 @@ from esper.tasks.spec import get_task
 @attrs.frozen
 class RunConfig:
     run: RunSettings = RunSettings()
+    task: TaskSettings = TaskSettings()
     train: TrainSettings = TrainSettings()
     lifecycle: LifecycleConfig = LifecycleConfig()
     governor: GovernorSettings = GovernorSettings()

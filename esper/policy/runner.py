@@ -31,7 +31,8 @@ from esper.policy.baselines import NonePolicy, RandomPolicy
 from esper.policy.heuristic import HeuristicPolicy
 from esper.policy.rewards import make_reward_function
 from esper.policy.run_config import ConfigError, RunConfig, config_hash, dump_toml, structure, unstructure
-from esper.tasks import TaskData, load_task
+from esper.compute.hosts import TRANSFORMER_PRESETS
+from esper.tasks import TaskData, get_task, load_task
 
 LOG_NAME = "events.elog"
 CHECKPOINT_FORMAT = 1
@@ -102,9 +103,15 @@ def load_data(config: RunConfig) -> TaskData:
     check_slots(config)
     make_controller(config)
     resolve_device(config.run.device)
-    data = load_task(config.run.task, config.run.data or None)
-    policy_blueprints(config, data.spec.topology)
-    return data
+    spec = get_task(config.run.task)
+    preset = config.task.host or spec.host_preset
+    presets = TRANSFORMER_PRESETS if spec.topology == "transformer" else {spec.host_preset: None}
+    if preset not in presets:
+        raise RunError(f"unknown host preset '{preset}' for task {spec.name} (choose from {', '.join(presets)})")
+    context = TRANSFORMER_PRESETS[preset].block_size if spec.topology == "transformer" else None
+    data = load_task(config.run.task, config.run.data or None, context)
+    policy_blueprints(config, spec.topology)
+    return attrs.evolve(data, spec=attrs.evolve(spec, host_preset=preset))
 
 
 # -- the run directory ----------------------------------------------------------------------
