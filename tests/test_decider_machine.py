@@ -73,7 +73,7 @@ BLENDS = st.one_of(
     st.builds(ev.Blend, kind=st.sampled_from(["linear", "sigmoid", "gated", "cubic"]), steps=st.integers(0, 5)),
 )
 PROBES = st.sampled_from(["ok", "ok", "ok", "shape", "finite", "identity_false", "identity_none", "params"])
-ACCURACY = st.floats(5.0, 95.0, allow_nan=False)
+ACCURACY = st.floats(0.0, 100.0, allow_nan=False)
 
 
 def decision(epoch: int) -> ev.PolicyDecided:
@@ -233,6 +233,12 @@ class DeciderMachine(RuleBasedStateMachine):
                 assert slot.entered_epoch == ms.entered, where
                 assert (slot.seed.seed_id, slot.seed.step) == (ms.seed.seed_id, ms.seed.step), where
                 assert math.isclose(slot.seed.alpha, ms.seed.alpha, rel_tol=1e-12, abs_tol=1e-12), where
+                if slot.stage in LIVE:  # measurements: the EMA, its freshness, training leaks, health
+                    seed, ref = slot.seed, ms.seed
+                    assert (seed.ratio_epoch, seed.training_leaks, seed.healthy) == (
+                        ref.ratio_epoch, ref.leaks, ref.healthy), where
+                    assert (seed.grad_ratio_ema is None) == (ref.ema is None), where
+                    assert ref.ema is None or math.isclose(seed.grad_ratio_ema, ref.ema, rel_tol=1e-9), where
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -311,7 +317,8 @@ class DeciderMachine(RuleBasedStateMachine):
             # get far, and sometimes missing or failing on its own, so each check gets to decide
             what = data.draw(st.sampled_from(["good"] * 6 + ["none", "ablation", "shadow", "bad"]), label="cf")
             kind = {"good": match, "bad": match}.get(what, what)
-            gain = data.draw(st.floats(0.5, 5.0) if what == "good" else st.floats(-5.0, 5.0), label="contribution")
+            good = what == "good" and slot.stage != Stage.BLENDING  # no gate reads a BLENDING sample
+            gain = data.draw(st.floats(0.5, 5.0) if good else st.floats(-5.0, 5.0), label="contribution")
             ratio = data.draw(st.sampled_from(["good"] * 6 + ["none", "bad"]), label="ratio kind")
             ratio = {"none": None}.get(ratio, data.draw(st.floats(0.05, 1.0) if ratio == "good" else st.floats(0.0, 0.05),
                                                         label="ratio"))
@@ -319,7 +326,7 @@ class DeciderMachine(RuleBasedStateMachine):
             finite = data.draw(st.sampled_from([True] * 8 + [False, None]), label="finite")
             cf = None
             if kind != "none":
-                other = val_acc + gain if kind == "shadow" else val_acc - gain
+                other = min(100.0, max(0.0, val_acc + gain if kind == "shadow" else val_acc - gain))
                 cf = cmd.CounterfactualSample(kind=kind, alpha=1.0 if kind == "shadow" else 0.0, real_acc=val_acc,
                                               ablated_acc=other, real_loss=1.0, ablated_loss=1.1, n=10)
             out.append(cmd.SlotMeasurement(
@@ -327,11 +334,12 @@ class DeciderMachine(RuleBasedStateMachine):
                 seed_grad_norm=data.draw(st.sampled_from([0.1, 0.0, 1e9, math.inf, math.nan]), label="norm"),
                 host_grad_norm=0.2, isolation_leaks=leaks, finite=finite, counterfactual=cf,
             ))
-        if data.draw(st.integers(0, 9), label="stale") == 0:  # names a seed the slot does not hold
-            slot = data.draw(st.sampled_from(SLOT_CHOICES), label="stale slot")
-            live = env_state.slot(slot) if env_state is not None else None
-            seed_id = f"{slot}#99" if live is not None and live.seed is not None else f"{slot}#1"
-            out.append(cmd.SlotMeasurement(slot=slot, seed_id=seed_id, grad_ratio=0.5, finite=True))
+        if env_state is not None and data.draw(st.integers(0, 9), label="stale") == 0:
+            # a wrong id for a live seed, the id of a culled one, an empty slot, or an unknown slot
+            options = [(s.slot_id, s.seed.seed_id + ("0" if s.stage in LIVE else "")) if s.seed is not None
+                       else (s.slot_id, f"{s.slot_id}#1") for s in env_state.slots] + [("bogus", "bogus#1")]
+            slot_id, seed_id = data.draw(st.sampled_from(options), label="stale")
+            out.append(cmd.SlotMeasurement(slot=slot_id, seed_id=seed_id, grad_ratio=0.5, finite=True))
         return tuple(out)
 
     def record_epoch_now(self, data, env: int, epoch: int, metrics_epoch: int) -> bool:

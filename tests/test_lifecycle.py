@@ -297,6 +297,36 @@ def test_advance_to_blending_by_command_takes_ramp_step_one():
     assert (alpha.new, alpha.step) == (0.2, 1)
 
 
+def test_gradient_ratio_ema():
+    """First value as is, then ema <- d*ema + (1-d)*r; an unmeasured epoch keeps the EMA (lifecycle §4.4)."""
+    ratios = {2: 1.0, 3: 0.5, 4: None, 5: 0.0}
+    run = Run({"gradient_ratio_ema_decay": 0.8, "gate_mode_g2": "explicit"})
+    run.step(lambda r: [germinate("mid")])
+    run.steps(4, measure=lambda slot, epoch: {"ratio": ratios[epoch]})
+    measured = run.events(ev.SeedMeasured, slot="mid")
+    assert [(m.epoch, m.grad_ratio) for m in measured] == list(ratios.items())
+    expected = [1.0, 0.8 * 1.0 + 0.2 * 0.5, 0.9, 0.8 * 0.9]
+    assert [m.grad_ratio_ema for m in measured] == pytest.approx(expected, rel=1e-12)
+    assert run.slot().seed.grad_ratio_ema == pytest.approx(0.72) and run.slot().seed.ratio_epoch == 5
+
+
+def test_tick_digest_is_the_folded_env_state():
+    from esper.lifecycle import state_digest
+
+    run = Run()
+    digests = []
+    for epoch in range(1, 12):
+        records = run.step(fossilize_when_ready() if epoch > 1 else (lambda r: [germinate("mid")]))
+        assert isinstance(records[-1].event, ev.EpochTicked) and records[-1].batch_end
+        digests.append(records[-1].event.state_digest)
+        assert digests[-1] == state_digest(run.env())
+    assert len(set(digests)) == len(digests)  # the state moves every step (epoch at least)
+    folded = initial_state()
+    for record in run.ledger.records:
+        folded = evolve(folded, record)
+    assert folded == run.state
+
+
 # -- probation auto-cull ------------------------------------------------------------------------------
 
 

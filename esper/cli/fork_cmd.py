@@ -28,7 +28,8 @@ def fork(ctx: click.Context, path: Path, seq: int | None, policy: str | None, ou
         if seq is not None or policy is not None or out is not None:
             raise UserError("--list takes no --at, --policy or --out")
         try:
-            points = forking.quiescent_points(load(path).records)
+            loaded = load(path)
+            points = forking.quiescent_points(loaded.records, loaded.path.parent)
         except (LogError, UnknownEventType) as exc:
             raise UserError(f"{exc} (esper log check {path} says more)") from None
         if as_json:

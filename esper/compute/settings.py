@@ -56,3 +56,50 @@ class GovernorSettings:
     lobotomy_band: float = attrs.field(default=0.065, validator=v.gt(0.0))
     max_rollbacks: int = attrs.field(default=3, validator=v.ge(0))
     snapshot_every: int = attrs.field(default=5, validator=v.ge(1))
+
+
+# The `[simulated]` blueprint table: name -> (mu, sigma, rho_max, dependency delta) (policy §7.5).
+# One clearly useful CNN blueprint (conv_light), one useless (norm), one harmful (attention); the rest
+# mild. Every name of both catalogues has an entry; `noop` has no parameters and so no gradient.
+SIMULATED_BLUEPRINTS: dict[str, tuple[float, float, float, float]] = {
+    "noop": (0.0, 0.0, 0.0, 0.0),
+    "norm": (0.0, 0.5, 0.5, 0.0),
+    "attention": (-4.0, 1.0, 1.0, 0.0),
+    "depthwise": (1.5, 1.0, 0.8, 0.0),
+    "conv_light": (6.0, 1.0, 1.0, 0.0),
+    "conv_heavy": (2.0, 1.5, 1.2, 0.0),
+    "lora": (1.5, 1.0, 0.8, 0.0),
+    "mlp": (2.0, 1.5, 1.2, 0.0),
+}
+
+
+def _blueprint_table(value: dict) -> dict[str, tuple[float, float, float, float]]:
+    """Entries given in the config replace the built-in ones of the same name; the rest stay, so
+    `--set simulated.blueprints.norm=[1, 0.5, 0.5, 0]` changes one blueprint only."""
+    table = dict(SIMULATED_BLUEPRINTS)
+    for name, entry in dict(value).items():
+        if name not in SIMULATED_BLUEPRINTS:
+            raise ValueError(f"simulated.blueprints: unknown blueprint '{name}' "
+                             f"(choose from {', '.join(SIMULATED_BLUEPRINTS)})")
+        values = tuple(entry)
+        if len(values) != 4 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"simulated.blueprints.{name} must be [mu, sigma, rho_max, dependency], got {entry!r}")
+        mu, sigma, rho, delta = (float(x) for x in values)
+        if sigma < 0 or rho < 0 or delta < 0:
+            raise ValueError(f"simulated.blueprints.{name}: sigma, rho_max and dependency must be >= 0")
+        table[name] = (mu, sigma, rho, delta)
+    return table
+
+
+@attrs.frozen
+class SimulatedSettings:
+    """The `[simulated]` section: the parametric environment of the `simulated` backend."""
+
+    a0: float = attrs.field(default=10.0, validator=[v.ge(0.0), v.lt(100.0)])  # host score at t = 0 (pp)
+    a_inf: float = attrs.field(default=60.0, validator=[v.ge(0.0), v.lt(100.0)])  # asymptote (pp)
+    tau: float = attrs.field(default=4.0, validator=v.gt(0.0))  # host time constant (epochs)
+    noise: float = attrs.field(default=0.3, validator=v.ge(0.0))  # observation noise sigma (pp)
+    seed_tau: float = attrs.field(default=3.0, validator=v.gt(0.0))  # seed maturity time constant (epochs)
+    nan_probability: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])  # per epoch
+    blueprints: dict[str, tuple[float, float, float, float]] = attrs.field(
+        factory=lambda: dict(SIMULATED_BLUEPRINTS), converter=_blueprint_table)

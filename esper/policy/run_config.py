@@ -7,6 +7,7 @@ is checked the same way whatever layer set it.
 
 import difflib
 import hashlib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import attrs
 import cattrs
 
-from esper.compute.settings import GovernorSettings, RunSettings, TaskSettings, TrainSettings
+from esper.compute.settings import GovernorSettings, RunSettings, SimulatedSettings, TaskSettings, TrainSettings
 from esper.lifecycle.config import LifecycleConfig
 from esper.policy.heuristic import HeuristicConfig
 from esper.policy.rewards import RewardConfig
@@ -30,6 +31,7 @@ class RunConfig:
     governor: GovernorSettings = GovernorSettings()
     heuristic: HeuristicConfig = HeuristicConfig()
     reward: RewardConfig = RewardConfig()
+    simulated: SimulatedSettings = SimulatedSettings()
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,21 @@ class ConfigError(ValueError):
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _strict(kind: type, accepts: tuple[type, ...]):
+    """cattrs would coerce (int(1.5) == 1, str(3) == '3'); a config value of the wrong type is an error."""
+
+    def structure(value: Any, _type: type) -> Any:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, accepts):
+            raise TypeError(f"expected {kind.__name__}, got {value!r}")
+        return kind(value)
+
+    return structure
+
+
+for _kind, _accepts in ((int, (int,)), (float, (int, float)), (str, (str,)), (bool, (bool,))):
+    _converter.register_structure_hook(_kind, _strict(_kind, _accepts))
 
 
 def _field_names(cls: type) -> dict[str, Any]:
@@ -147,7 +164,8 @@ def config_hash(config: RunConfig) -> str:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """The TOML subset the configuration uses: tables of str, int, float, bool and lists of those."""
+    """The TOML subset the configuration uses: tables of str, int, float, bool, lists of those and
+    inline tables (`simulated.blueprints`)."""
     lines: list[str] = []
     for section, values in data.items():
         lines.append(f"[{section}]")
@@ -166,4 +184,10 @@ def _literal(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_literal(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _literal(key)

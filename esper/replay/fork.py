@@ -45,9 +45,10 @@ class QuiescentPoint:
     checkpoint_seq: int | None  # the latest CheckpointWritten at or before seq
 
 
-def quiescent_points(records: Sequence[Record]) -> list[QuiescentPoint]:
+def quiescent_points(records: Sequence[Record], run_dir: Path | None = None) -> list[QuiescentPoint]:
     """Batch ends of a running run after which every running env has ended its step (EpochTicked,
-    or EpisodeFinished) and no decision is pending."""
+    or EpisodeFinished) and no decision is pending. With `run_dir`, `checkpoint_seq` counts only
+    checkpoints whose file is still there (older ones are pruned)."""
     points: list[QuiescentPoint] = []
     state = initial_state()
     pending: dict[int, int] = {}  # env -> commands of its last decision not yet carried out
@@ -55,7 +56,7 @@ def quiescent_points(records: Sequence[Record]) -> list[QuiescentPoint]:
     for record in records:
         state = evolve(state, record)
         event = record.event
-        if isinstance(event, ev.CheckpointWritten):
+        if isinstance(event, ev.CheckpointWritten) and (run_dir is None or (run_dir / event.path).is_file()):
             checkpoint = record.seq
         if isinstance(event, ev.PolicyDecided):
             pending[record.env] = len(event.commands)

@@ -200,9 +200,6 @@ class Verifier:
         except ReplayError as exc:
             self._fail(seq, "fold", "a record evolve can apply", exc.reason)
         self.projector.apply(record)
-        if isinstance(event, (ev.EpochTicked, ev.EpisodeFinished)):
-            folded = state_digest(self.state.envs[record.env])
-            self._check(folded == event.state_digest, seq, "state_digest", folded, event.state_digest)
         if isinstance(event, ev.RunFinished):
             self.finished = True
 
@@ -312,8 +309,6 @@ class Verifier:
         elif isinstance(event, ev.SeedMeasured):
             slot = self._seed_slot(record, env)
             self._check(slot.stage == event.stage, seq, "stage_matches_fold", slot.stage.name, event.stage.name)
-        elif isinstance(event, ev.EpochTicked):
-            self._countdown(record, env, batch)
         self._decisions(record, batch)
 
     def _seed_slot(self, record: Record, env: EnvState) -> SlotState:
@@ -407,6 +402,14 @@ class Verifier:
             want = "0" if stage in _ZERO_ALPHA else "1" if stage in _FULL_ALPHA else "within (0, 1]"
             self._check(ok, touched.get(slot.slot_id, last.seq), "alpha_matches_stage",
                         f"alpha {want} in {stage.name}", f"{alpha} ({slot.seed.seed_id})")
+        # Checks of the batch's last record (an EpochTicked or EpisodeFinished) come after those of
+        # the records before it, so the first violation is the one with the lowest seq.
+        if isinstance(last.event, ev.EpochTicked):
+            self._countdown(last, env, batch)
+        if isinstance(last.event, (ev.EpochTicked, ev.EpisodeFinished)):
+            folded = state_digest(env)
+            self._check(folded == last.event.state_digest, last.seq, "state_digest", folded,
+                        last.event.state_digest)
         self._slot_views(last.seq, last.env)
 
     # -- decisions and their commands ---------------------------------------------------------
