@@ -16,6 +16,7 @@ COMMANDS = {
     "report": "esper.cli.report_cmd:report",
     "run": "esper.cli.run_cmd:run",
     "schemas": "esper.cli.schemas_cmd:schemas",
+    "sql": "esper.cli.sql_cmd:sql",
 }
 
 

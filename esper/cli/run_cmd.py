@@ -28,7 +28,7 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--max-seeds", type=click.IntRange(min=0), help="Live seeds per env, fossils included (0: no limit).")
 @click.option("--seed", type=click.IntRange(min=0), help="Run seed (default 0).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--backend", type=click.Choice(["torch"]), help="Compute backend (default torch).")
+@click.option("--backend", type=click.Choice(["torch", "simulated"]), help="Compute backend (default torch).")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision (default off).")
 @click.option("--fsync", type=click.Choice(["always", "epoch", "never"]), help="Log durability (default epoch).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="A TOML config file.")

@@ -6,6 +6,7 @@ is checked the same way whatever layer set it.
 """
 
 import difflib
+import re
 import hashlib
 import re
 import tomllib
@@ -143,16 +144,37 @@ def structure(data: dict[str, Any]) -> RunConfig:
     try:
         return _converter.structure(data, RunConfig)
     except cattrs.BaseValidationError as exc:
-        messages = cattrs.transform_error(exc, path="")
+        messages = cattrs.transform_error(exc, path="", format_exception=_describe)
         raise ConfigError(_first_line(messages)) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"invalid config value: {exc}") from None
 
 
+def _describe(exc: BaseException, _type: Any) -> str:
+    """Validators and the strict hooks above already say what was expected and what came; attrs'
+    validators put the field's name first in quotes, or pass the attribute along."""
+    args = exc.args
+    if len(args) > 1 and isinstance(args[1], attrs.Attribute):
+        return f"{args[1].name}: {args[0]}"
+    named = re.match(r"'(\w+)' (.*)", str(args[0]) if args else "")
+    if named:
+        return f"{named.group(1)}: {named.group(2)}"
+    field = re.match(r"(\w+) (must .*)", str(args[0]) if args else "")
+    if field:
+        return f"{field.group(1)}: {field.group(2)}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _first_line(messages: list[str]) -> str:
     message = messages[0] if messages else "invalid configuration"
     what, _, where = message.rpartition(" @ ")
-    return f"config key '{where.lstrip('.')}': {what}" if where else message
+    if not where:
+        return message
+    where = where.lstrip(".")
+    field, sep, rest = what.partition(": ")
+    if sep and re.fullmatch(r"\w+", field) and not where.endswith(field):
+        where, what = f"{where}.{field}", rest
+    return f"config key '{where}': {what}"
 
 
 def unstructure(config: RunConfig) -> dict[str, Any]:

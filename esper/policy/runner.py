@@ -18,6 +18,7 @@ from esper.compute.checkpoints import prune, read_checkpoint, write_checkpoint
 from esper.compute.engine import Engine
 from esper.compute.governor import Governor
 from esper.compute.run_header import run_started
+from esper.compute.simulated import SimulatedBackend
 from esper.compute.streams import episode_seed
 from esper.compute.torch_backend import TorchBackend
 from esper.events import catalogue as ev
@@ -97,18 +98,53 @@ def make_controller(config: RunConfig, env: int = 0) -> Any:
     raise RunError(f"unknown policy '{spec}' (choose from none, random, heuristic)")
 
 
+def check_simulated(config: RunConfig) -> None:
+    """Options with no meaning for the simulated backend are config errors (runtime §5.4)."""
+    if config.train.amp != "off":
+        raise ConfigError(f"train.amp = '{config.train.amp}' has no meaning for the simulated backend (use --amp off)")
+    if config.train.compile:
+        raise ConfigError("train.compile has no meaning for the simulated backend (set train.compile=false)")
+    if config.run.device.startswith("cuda"):
+        raise ConfigError(f"device '{config.run.device}' has no meaning for the simulated backend "
+                          "(use --device cpu or auto)")
+    if config.run.device not in ("auto", "cpu"):
+        resolve_device(config.run.device)  # the usual one-line error for an unknown name
+    if config.run.data:
+        raise ConfigError("the simulated backend reads no data (omit --data)")
+
+
+def simulated_data(spec: Any, context: int | None) -> TaskData:
+    """The task without its data: the simulated backend needs only the spec and the host shapes."""
+    from esper.compute.hosts import CNN_PRESETS
+    from esper.tasks import Split
+
+    if spec.topology == "transformer":
+        empty = Split(torch.zeros((0,), dtype=torch.uint8))
+    else:
+        p = CNN_PRESETS[spec.host_preset]
+        empty = Split(torch.zeros((0, p.in_channels, p.image_size, p.image_size)), torch.zeros((0,), dtype=torch.int64))
+    return TaskData(spec, empty, empty, empty, data_digest=None, context=context)
+
+
 def load_data(config: RunConfig) -> TaskData:
     """Fail before the first epoch: every name, the device and the data are checked here, before a
     run directory exists (runtime §8, rule 1)."""
     check_slots(config)
     make_controller(config)
-    resolve_device(config.run.device)
+    simulated = config.run.backend == "simulated"
+    if simulated:
+        check_simulated(config)
+    else:
+        resolve_device(config.run.device)
     spec = get_task(config.run.task)
     preset = config.task.host or spec.host_preset
     presets = TRANSFORMER_PRESETS if spec.topology == "transformer" else {spec.host_preset: None}
     if preset not in presets:
         raise RunError(f"unknown host preset '{preset}' for task {spec.name} (choose from {', '.join(presets)})")
     context = TRANSFORMER_PRESETS[preset].block_size if spec.topology == "transformer" else None
+    if simulated:
+        policy_blueprints(config, spec.topology)
+        return simulated_data(attrs.evolve(spec, host_preset=preset), context)
     data = load_task(config.run.task, config.run.data or None, context)
     policy_blueprints(config, spec.topology)
     return attrs.evolve(data, spec=attrs.evolve(spec, host_preset=preset))
@@ -177,11 +213,16 @@ class Run:
     def __init__(self, config: RunConfig, run_dir: Path, data: TaskData,
                  on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None):
         self.config, self.run_dir, self.data = config, run_dir, data
-        self.device = resolve_device(config.run.device)
+        simulated = config.run.backend == "simulated"
+        self.device = torch.device("cpu") if simulated else resolve_device(config.run.device)
         self.threads = configure_torch(config, self.device)
         spec = data.spec
         self.blueprints = policy_blueprints(config, spec.topology)
-        self.backend = TorchBackend(data, config.train, config.lifecycle, config.run.slots, self.device)
+        if simulated:
+            self.backend = SimulatedBackend(spec, config.simulated, config.train, config.lifecycle, config.run.slots,
+                                            data.context)
+        else:
+            self.backend = TorchBackend(data, config.train, config.lifecycle, config.run.slots, self.device)
         self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync)
         self.engine = Engine(
             writer=self.writer, run_id=run_dir.name, backend=self.backend, controller=make_controller(config),
