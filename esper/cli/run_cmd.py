@@ -8,7 +8,7 @@ import click
 from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
 from esper.cli.progress import EpochPrinter, seeds_table
 from esper.compute.engine import GovernorExhausted
-from esper.events.log_errors import LogError
+from esper.events.log_errors import LogError, LogFsyncError
 from esper.policy import run_config
 from esper.policy.runner import Run, RunError, create_run_dir, execute, load_data, resume
 from esper.tasks.errors import DataError
@@ -64,6 +64,8 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
             the_run = Run(config, create_run_dir(out or Path("runs"), name, config), data_loaded, printer)
             click.echo(f"run directory: {the_run.run_dir}", err=True)
             outcome = execute(the_run)
+    except LogFsyncError as error:
+        raise RunFailed(f"{error} (free some space, or check the disk, then resume the run)") from None
     except (run_config.ConfigError, DataError, RunError, LogError) as error:
         raise UserError(str(error)) from None
     except GovernorExhausted as error:

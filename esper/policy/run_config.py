@@ -57,6 +57,16 @@ for _kind, _accepts in ((int, (int,)), (float, (int, float)), (str, (str,)), (bo
     _converter.register_structure_hook(_kind, _strict(_kind, _accepts))
 
 
+def _names(value: Any, _type: Any) -> tuple[str, ...]:
+    # A bare string would otherwise become a tuple of its characters.
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+_converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _names)
+
+
 def _field_names(cls: type) -> dict[str, Any]:
     return {f.name: f for f in attrs.fields(cls)}
 
