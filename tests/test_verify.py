@@ -36,12 +36,20 @@ def _measure(ledger: Ledger, slot_id: str, acc: float) -> cmd.SlotMeasurement:
                                counterfactual=cf)
 
 
-def story() -> list:
+def story(episodes: int = 1) -> list:
     """A seed in `mid` germinated, trained, blended, put on probation and fossilized; a seed in
-    `late` germinated, culled by the policy, embargoed, reset and released; one rejected command."""
+    `late` germinated, culled by the policy, embargoed, reset and released; one rejected command.
+    (`episodes` repeats the episode, for timing the verifier on long logs.)"""
     ledger = Ledger()
     header = msgspec.structs.replace(run_started(LIFECYCLE), esper_version=__version__)
     ledger.execute(cmd.StartRun(run=header))
+    for _ in range(episodes):
+        _episode(ledger)
+    ledger.execute(cmd.FinishRun(status="completed", final={"val_acc": 64.0}))
+    return ledger.records
+
+
+def _episode(ledger: Ledger) -> None:
     ledger.execute(cmd.StartEpisode(episode_seed=1, host_seed=1, host_params=320, slots_enabled=("mid", "late"),
                                     max_epochs=MAX_EPOCHS))
     plan = {
@@ -58,7 +66,7 @@ def story() -> list:
                                        measurements=tuple(_measure(ledger, s, acc) for s in active)))
         if epoch == MAX_EPOCHS:
             ledger.execute(cmd.FinishEpisode())
-            break
+            return
         commands = plan.get(epoch, [])
         ledger.execute(cmd.RecordDecision(decision=_decision(epoch, *commands)))
         for c in commands:
@@ -74,8 +82,6 @@ def story() -> list:
             except Exception as exc:
                 ledger.execute(cmd.RejectAction(decision_epoch=epoch, command=c, code=exc.code, message=exc.message))
         ledger.execute(cmd.Tick(epoch=epoch))
-    ledger.execute(cmd.FinishRun(status="completed", final={"val_acc": 64.0}))
-    return ledger.records
 
 
 @pytest.fixture(scope="module")
@@ -353,17 +359,26 @@ def test_a_corrupt_seq_is_unreadable(tmp_path, records):
 
 
 @pytest.mark.slow
-def test_real_runs_verify(tmp_path):
-    """A random run (germinations, policy culls, embargo, reuse) and a heuristic one (a fossil)."""
-    from esper.policy.run_config import resolve
-    from esper.policy.runner import Run, execute, load_data
+@pytest.mark.parametrize("name, args", [
+    ("synthetic-random-24-s3", ("--policy", "random", "--epochs", "24", "--seed", "3")),  # culls, embargo, reuse
+    ("synthetic-heuristic-30-s0", ("--policy", "heuristic", "--epochs", "30", "--seed", "0")),  # a fossil
+])
+def test_real_runs_verify(tmp_path_factory, name, args):
+    from test_replay import shared_run
 
-    for policy, seed, epochs in (("random", 3, 24), ("heuristic", 0, 26)):
-        config = resolve({"run": {"task": "synthetic", "epochs": epochs, "policy": policy, "seed": seed,
-                                  "threads": 1}})
-        run_dir = tmp_path / policy
-        run_dir.mkdir()
-        execute(Run(config, run_dir, load_data(config)))
-        result = CliRunner().invoke(cli, ["replay", str(run_dir), "--verify", "--strict"])
-        assert result.exit_code == 0, result.output
-        assert result.stdout.startswith("OK: ") and result.stderr == ""
+    run_dir = shared_run(tmp_path_factory, name, "--task", "synthetic", *args)
+    result = CliRunner().invoke(cli, ["replay", str(run_dir), "--verify", "--strict"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("OK: ") and result.stderr == ""
+
+
+def test_an_unknown_event_type_is_unreadable(tmp_path, records):
+    from log_helpers import future_event_frame
+
+    path = tmp_path / "events.elog"
+    write(path, records)
+    with open(path, "ab") as f:
+        f.write(future_event_frame(len(records)))
+    for args in (["--verify"], []):
+        result = CliRunner().invoke(cli, ["replay", str(path), *args])
+        assert result.exit_code == 2 and "FutureEvent" in result.stderr and "upgrade esper" in result.stderr

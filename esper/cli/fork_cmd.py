@@ -6,7 +6,7 @@ import attrs
 import click
 import msgspec
 
-from esper.cli.errors import EXIT_CHECK_FAILED, UserError
+from esper.cli.errors import EXIT_CHECK_FAILED, RunFailed, UserError
 from esper.events.log import LogError, UnknownEventType
 
 
@@ -42,18 +42,22 @@ def fork(ctx: click.Context, path: Path, seq: int | None, policy: str | None, ou
         return
     if seq is None or policy is None:
         raise UserError("esper fork needs --at SEQ and --policy P (or --list)")
+    from esper.compute.engine import GovernorExhausted
     try:
         outcome = forking.fork(path, seq, policy, out)
     except (LogError, UnknownEventType) as exc:
         raise UserError(f"{exc} (esper log check {path} says more)") from None
     except forking.ForkRefused as exc:
         raise UserError(str(exc)) from None
+    except GovernorExhausted as exc:  # the new policy's continuation failed, as `esper run` would
+        raise RunFailed(f"{exc} (the fork's log ends with RunFinished(failed))") from None
     except forking.ForkDiverged as exc:
         if as_json:
             click.echo(msgspec.json.encode({"ok": False, "divergence": exc.divergence.to_json()}))
         else:
             click.echo(exc.divergence.describe())
-        click.echo("esper: error: the fork's prefix differs from the parent's", err=True)
+        click.echo(f"esper: error: the fork's prefix differs from the parent's (the partial fork is in "
+                   f"{exc.run_dir})", err=True)
         ctx.exit(EXIT_CHECK_FAILED)
         return
     if as_json:

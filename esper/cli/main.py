@@ -10,6 +10,7 @@ import click
 from esper.cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
 
 COMMANDS = {
+    "export": "esper.cli.export_cmd:export",
     "fork": "esper.cli.fork_cmd:fork",
     "log": "esper.cli.log_cmd:log",
     "replay": "esper.cli.replay_cmd:replay",

@@ -28,14 +28,19 @@ class GateVerdict:
         return tuple(c.tag for c in self.checks if not c.passed)
 
 
+def _number(value: float | None) -> float | None:
+    # Floats even for counts: the log stores them as floats, and a record must equal its read-back.
+    return None if value is None else float(value)
+
+
 def _at_least(tag: str, value: float | None, threshold: float) -> Check:
     passed = value is not None and value >= threshold
-    return Check(tag=tag, passed=passed, value=value, threshold=threshold, comparator=">=")
+    return Check(tag=tag, passed=passed, value=_number(value), threshold=_number(threshold), comparator=">=")
 
 
 def _at_most(tag: str, value: float | None, threshold: float) -> Check:
     passed = value is not None and value <= threshold
-    return Check(tag=tag, passed=passed, value=value, threshold=threshold, comparator="<=")
+    return Check(tag=tag, passed=passed, value=_number(value), threshold=_number(threshold), comparator="<=")
 
 
 def _flag(tag: str, ok: bool | None, comparator: str = "==") -> Check:

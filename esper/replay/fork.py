@@ -33,6 +33,7 @@ class ForkDiverged(Exception):
     def __init__(self, divergence: Divergence):
         super().__init__(divergence.describe())
         self.divergence = divergence
+        self.run_dir: Path | None = None  # the fork's directory, left as it was when the check failed
 
 
 @attrs.frozen
@@ -169,6 +170,9 @@ def fork(path: str | Path, seq: int, policy: str, out: Path | None = None) -> Fo
     run = Run(config, run_dir, data)
     try:
         return _fork(loaded, seq, points[seq], run, make_controller(config))
+    except ForkDiverged as exc:
+        exc.run_dir = run_dir
+        raise
     finally:
         run.writer.close()
 

@@ -5,6 +5,7 @@ Decoding is pure Python and is what loading costs, so several logs are read by w
 one core each.
 """
 
+import gc
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -45,9 +46,15 @@ def log_tables(paths: list[Path], allow_unknown: bool = False) -> list[tuple[pa.
     workers = min(len(paths), os.cpu_count() or 1)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return [log_table(p, allow_unknown) for p in paths]
-    # fork: a worker starts in milliseconds with esper already imported (spawn would re-import it).
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        results = list(pool.map(_try_table, paths, repeat(allow_unknown)))
+    # fork: a worker starts in milliseconds with esper loaded, and unlike spawn it never re-runs the
+    # caller's __main__. Frozen, the parent's objects are out of the workers' garbage collections:
+    # a DuckDB connection collected in a forked child kills it.
+    gc.freeze()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_try_table, paths, repeat(allow_unknown)))
+    finally:
+        gc.unfreeze()
     # A failed log is read again here so that its own exception is raised: the log errors take
     # constructor arguments that do not survive the trip back from a worker.
     return [log_table(p, allow_unknown) if r is None else r for p, r in zip(paths, results)]
@@ -60,15 +67,15 @@ def _try_table(path: Path, allow_unknown: bool) -> tuple[pa.Table, LogSummary] |
         return None
 
 
-def _untyped(raw: msgspec.Raw) -> tuple[str, bytes]:
+def _untyped(path: Path, seq: int, raw: msgspec.Raw) -> tuple[str, bytes]:
     """A payload read with its envelope only: decoded (so validated) when its type is known, kept
     as plain data when it is not."""
     try:
         event = decode_event(raw)
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
         data = msgspec.msgpack.decode(raw)
         if not isinstance(data, dict) or data.get("type") in _TAGS.values():
-            raise
+            raise LogError(f"{path}: the payload of seq {seq} does not decode ({exc})") from None
         return str(data.get("type")), _json.encode(data)
     return _TAGS[type(event)], _json.encode(event)
 
@@ -86,7 +93,7 @@ def _table(path: Path, stream: RecordStream, raw: bool) -> tuple[pa.Table, LogSu
         schema.append(r.schema)
         batch_end.append(r.batch_end)
         if raw:
-            tag, encoded = _untyped(r.event)
+            tag, encoded = _untyped(path, r.seq, r.event)
             types.append(tag)
             data += encoded
         else:

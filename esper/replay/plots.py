@@ -71,13 +71,17 @@ def curves(run: RunLog, r: int) -> Drawn:
     score_ax.set(title="score" if score == "loss" else "accuracy (%)", xlabel="epoch")
     loss_ax.set(title="loss (nats)", xlabel="epoch")
     for ax in (score_ax, loss_ax):
-        if ax.lines:
-            ax.legend(loc="best")
+        _legend(ax)
     return Drawn(to_svg(fig, f"r{r}-curves", ids), ids)
 
 
+def _legend(ax, **options) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", **options)
+
+
 def _rollback_lines(run: RunLog, axes) -> None:
-    for i, (key, rollback) in enumerate(run.rollbacks):
+    for _, rollback in run.rollbacks:
         for ax in axes:
             ax.axvline(rollback.epoch, color="#de2d26", linestyle="--", linewidth=0.8)
 
@@ -177,8 +181,7 @@ def seeds(run: RunLog, r: int) -> Drawn | None:
     alpha_ax.set(title="alpha per seed", xlabel="epoch", ylim=(-0.05, 1.05))
     contribution_ax.set(title="contribution per seed (pp)", xlabel="epoch")
     for ax in (alpha_ax, contribution_ax):
-        if ax.lines:
-            ax.legend(loc="best", fontsize=6)
+        _legend(ax, fontsize=6)
     return Drawn(to_svg(fig, f"r{r}-seeds", ids), ids)
 
 
@@ -280,8 +283,7 @@ def updates(run: RunLog, r: int) -> Drawn | None:
     stats_ax.set(title="policy updates", xlabel="update")
     entropy_ax.set(title="entropy per head", xlabel="update")
     for ax in (stats_ax, entropy_ax):
-        if ax.lines:
-            ax.legend(loc="best", fontsize=6)
+        _legend(ax, fontsize=6)
     return Drawn(to_svg(fig, f"r{r}-updates", ids), ids)
 
 
@@ -309,6 +311,5 @@ def comparison(groups: Sequence[tuple[str, list[list[float | None]]]]) -> Drawn:
         ax.fill_between(xs, lows, highs, alpha=0.2, color=line.get_color())
         ids.append(gid)
     ax.set(title="mean validation score (band: 95 % interval)", xlabel="epoch")
-    if ax.lines:
-        ax.legend(loc="best")
+    _legend(ax)
     return Drawn(to_svg(fig, "cmp", ids), ids)

@@ -52,11 +52,16 @@ def as_stored(event: ev.Event) -> ev.Event:
     return decode_event(encode_event(event))
 
 
+def _stored_bytes(event: ev.Event) -> bytes:
+    data = encode_event(event)
+    return encode_event(decode_event(data))
+
+
 def first_difference(batch: Sequence[Any], events: Sequence[ev.Event]) -> int | None:
     """Index of the first record whose payload differs from `events` as stored (compared as
     msgpack bytes, so NaN equals itself and floats match bit for bit); None when reproduced."""
     for i, record in enumerate(batch):
-        if i >= len(events) or encode_event(record.event) != encode_event(as_stored(events[i])):
+        if i >= len(events) or _stored_bytes(record.event) != _stored_bytes(events[i]):
             return i
     return None if len(events) == len(batch) else len(batch) - 1
 

@@ -23,7 +23,7 @@ written by another esper version is a warning unless `strict`.
 """
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import attrs
 
@@ -35,7 +35,6 @@ from esper.events.envelope import SCHEMA_VERSION, Record
 from esper.lifecycle.decide import decide, state_digest
 from esper.lifecycle.errors import DomainError, ReplayError
 from esper.lifecycle.evolve import evolve
-from esper.lifecycle.fold import fold
 from esper.lifecycle.projections import Projector
 from esper.lifecycle.stages import LIVE, TRANSITIONS, gate_for_target, target_of_gate
 from esper.lifecycle.state import EnvState, RunState, SlotState, initial_state
@@ -158,16 +157,11 @@ class Verifier:
 
     def _batch(self, batch: list[Record]) -> None:
         before = self.state
-        legal: Violation | None = None
-        try:
-            self._framing_of_batch(batch)
-            for record in batch:
-                self._record(record, batch)
-            self._end_of_batch(batch)
-        except _Found as found:
-            legal = found.violation
-        if legal is not None:  # reported before any drift of its batch: the drift is its consequence
-            raise _Found(legal)
+        # Legality first: its violation is reported before any drift of the same batch, since the
+        # drift is its consequence.
+        for record in batch:
+            self._record(record, batch)
+        self._end_of_batch(batch)
         drift = self._redecide(batch, before)
         if drift is not None:
             raise _Found(drift)
@@ -176,15 +170,12 @@ class Verifier:
             self._rebuild(batch[-1].seq)
             self.next_rebuild *= 2
 
-    def _framing_of_batch(self, batch: list[Record]) -> None:
-        head = batch[0]
-        for record in batch[1:]:
-            self._check((record.env, record.episode) == (head.env, head.episode), record.seq, "framing",
-                        f"env {head.env} episode {head.episode}, as the rest of its batch",
-                        f"env {record.env} episode {record.episode}")
-
     def _record(self, record: Record, batch: list[Record]) -> None:
         self._framing(record)
+        head = batch[0]
+        self._check((record.env, record.episode) == (head.env, head.episode), record.seq, "framing",
+                    f"env {head.env} episode {head.episode}, as the rest of its batch",
+                    f"env {record.env} episode {record.episode}")
         event = record.event
         seq = record.seq
         if record.env is not None and not isinstance(event, ev.EpisodeStarted):
@@ -504,8 +495,10 @@ class Verifier:
     def _rebuild(self, seq: int) -> None:
         self.checks += 1
         self.rebuilt_at = seq
-        rebuilt = fold(self.records[:seq + 1]).projections
-        live = self.projector.snapshot()
+        projector = Projector()
+        for record in self.records[:seq + 1]:
+            projector.apply(record)
+        rebuilt, live = projector.snapshot(), self.projector.snapshot()
         if rebuilt != live and repr(rebuilt) != repr(live):  # repr: NaN losses equal themselves
             self._fail(seq, "projections", "projections rebuilt from scratch", "different incremental ones")
 

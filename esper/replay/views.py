@@ -117,7 +117,7 @@ SELECT s.*, f.seq IS NOT NULL AS finished,
 FROM s LEFT JOIN f ON f.run_id = s.run_id AND f.env = s.env AND f.episode = s.episode"""
 
 _STAGE_TIMES = ",\n".join(
-    f"sum(coalesce(left_epoch, last_epoch) - epoch) FILTER (WHERE stage = {int(s)}) AS epochs_{s.name.lower()}"
+    f"sum(coalesce(left_epoch, last_epoch) - epoch) FILTER (WHERE stage = {int(s)})::BIGINT AS epochs_{s.name.lower()}"
     for s in _LIVE
 )
 _STAGE_TIME_COLUMNS = ", ".join(f"coalesce(t.epochs_{s.name.lower()}, 0) AS epochs_{s.name.lower()}" for s in _LIVE)
@@ -127,11 +127,13 @@ WITH g AS ({_flat(ev.SeedGerminated)}),
      c AS (SELECT run_id, env, episode, seq, p.epoch AS epoch, p.seed_id AS seed_id, p.to_stage AS stage,
                   lead(p.epoch) OVER (PARTITION BY run_id, env, episode, p.seed_id ORDER BY seq) AS left_epoch
            FROM ({_payload(ev.StageChanged, "epoch", "seed_id", "to_stage")})),
-     e AS (SELECT run_id, env, episode, max(p.epoch) AS last_epoch
-           FROM ({_payload(ev.EpochCompleted, "epoch")}) GROUP BY ALL),
+     -- epochs rise with seq, so only each episode's last EpochCompleted needs parsing
+     e AS (SELECT run_id, env, episode, (arg_max(event, seq)->>'$.epoch')::BIGINT AS last_epoch
+           FROM raw_events WHERE type = 'EpochCompleted' GROUP BY ALL),
      t AS (SELECT run_id, env, episode, seed_id,
                   max(epoch) FILTER (WHERE stage IN ({int(Stage.FOSSILIZED)}, {int(Stage.CULLED)})) AS ended_epoch,
-                  bool_or(stage = {int(Stage.FOSSILIZED)}) AS fossilized, bool_or(stage = {int(Stage.CULLED)}) AS culled,
+                  bool_or(stage = {int(Stage.FOSSILIZED)}) AS fossilized,
+                  bool_or(stage = {int(Stage.CULLED)}) AS culled,
                   arg_max(stage, seq) FILTER (WHERE stage NOT IN ({_PIPELINE})) AS final_stage,
                   {_STAGE_TIMES}
            FROM c LEFT JOIN e USING (run_id, env, episode) GROUP BY ALL),
@@ -236,4 +238,27 @@ VIEWS: dict[str, str] = {
     "ppo_updates": _flat(ev.PolicyUpdated),
     "checkpoints": _flat(ev.CheckpointWritten),
     "runs": RUNS,
+}
+
+# The ready-made questions of the README (events spec §8), tested against the folded projections.
+QUESTIONS: dict[str, str] = {
+    "time in stage per blueprint": (
+        "WITH s AS (SELECT *, lead(epoch) OVER (PARTITION BY run_id, env, episode, seed_id ORDER BY seq) "
+        "AS left_epoch FROM stage_changes) SELECT blueprint, to_stage, avg(left_epoch - epoch) AS mean_epochs, "
+        "count(*) AS n FROM s WHERE left_epoch IS NOT NULL GROUP BY ALL ORDER BY ALL"
+    ),
+    "gate failure reasons by gate": (
+        "SELECT gate, tag, count(*) AS failures FROM gate_checks WHERE NOT check_passed "
+        "GROUP BY ALL ORDER BY gate, failures DESC"
+    ),
+    "fossilization rate per blueprint": (
+        "SELECT blueprint, count(*) AS germinated, count(*) FILTER (WHERE outcome = 'fossilized') AS fossilized, "
+        "round(fossilized / germinated, 3) AS rate FROM seeds GROUP BY blueprint ORDER BY rate DESC"
+    ),
+    "accuracy curve per run": "SELECT run_id, env, episode, epoch, val_acc FROM epochs ORDER BY ALL",
+    "reward components per decision": (
+        "SELECT d.run_id, d.env, d.episode, d.epoch, d.ops, c.component, c.value FROM decisions d "
+        "JOIN reward_components c ON c.run_id = d.run_id AND c.env = d.env AND c.episode = d.episode "
+        "AND c.decision_epoch = d.epoch ORDER BY d.run_id, d.seq, c.component"
+    ),
 }
