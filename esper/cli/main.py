@@ -47,7 +47,11 @@ def main() -> None:
     except click.exceptions.Abort:
         code = EXIT_INTERRUPTED
     except click.UsageError as exc:
-        hint = f" (see 'esper {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.info_name != "cli" else ""
+        names, ctx = [], exc.ctx  # the subcommand path, whatever the program was called
+        while ctx is not None and ctx.parent is not None:
+            names.insert(0, ctx.info_name)
+            ctx = ctx.parent
+        hint = f" (see '{' '.join(['esper', *names])} --help')"
         click.echo(f"esper: error: {exc.format_message()}{hint}", err=True)
         code = EXIT_USER
     except click.ClickException as exc:

@@ -7,8 +7,9 @@ import click
 
 from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
 from esper.cli.progress import EpochPrinter, seeds_table
+from esper.compute.checkpoints import CheckpointWriteError
 from esper.compute.engine import GovernorExhausted
-from esper.events.log_errors import LogError, LogFsyncError
+from esper.events.log_errors import LogError, LogFsyncError, UnknownEventType
 from esper.policy import run_config
 from esper.policy.runner import Run, RunError, create_run_dir, execute, load_data, resume
 from esper.tasks.errors import DataError
@@ -53,7 +54,14 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
     printer = None if quiet else EpochPrinter()
     try:
         if resume_dir is not None:
-            overrides = {k: v for k, v in layer["run"].items()}
+            if name:
+                raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
+                                "--out chooses where it goes)")
+            # Every option given is checked against the recorded configuration: none is ignored.
+            overrides: dict = {}
+            for given in ([run_config.read_file(config_file)] if config_file else []) + [layer] + \
+                    [run_config.parse_set(a) for a in assignments]:
+                overrides = run_config.merge(overrides, given)
             the_run = resume(resume_dir, out, overrides, printer)
             outcome = execute(the_run, resume=True)
         else:
@@ -66,7 +74,10 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
             outcome = execute(the_run)
     except LogFsyncError as error:
         raise RunFailed(f"{error} (free some space, or check the disk, then resume the run)") from None
-    except (run_config.ConfigError, DataError, RunError, LogError) as error:
+    except CheckpointWriteError as error:
+        raise RunFailed(f"{error} (free some space, then resume the run: esper run --resume "
+                        f"{error.path.parent.parent})") from None
+    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType) as error:
         raise UserError(str(error)) from None
     except GovernorExhausted as error:
         raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")

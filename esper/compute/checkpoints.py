@@ -5,6 +5,7 @@ checkpoint, because it is folded from the log.
 """
 
 import hashlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -23,26 +24,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, I/O error): the run stops, exit code 3."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"writing checkpoint {self.path} failed: {self.strerror}"
+
+
 def write_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> tuple[str, str, int]:
     """Returns (path relative to the run directory, sha256, size in bytes)."""
     root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
     final = root / f"step-{step:06d}"
     temporary = root / f".step-{step:06d}.tmp"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    target = temporary / STATE_FILE
-    with open(target, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(temporary)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(temporary, final)
-    _fsync_dir(root)
-    data = (final / STATE_FILE).read_bytes()
+    # Serialised in memory: torch.save reports a failed write (ENOSPC) to a file as a RuntimeError
+    # about its zip writer's position; os.write raises the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    try:
+        root.mkdir(exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+        fd = os.open(temporary / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = data
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(temporary, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(temporary, ignore_errors=True)  # give back what a full disk let us write
+        raise CheckpointWriteError(final, exc) from exc
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     return str((final / STATE_FILE).relative_to(run_dir)), hashlib.sha256(data).hexdigest(), len(data)
 
 

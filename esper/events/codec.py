@@ -1,6 +1,7 @@
 """Encoding and decoding of records and payloads, msgpack for the log and JSON for export."""
 
 import hashlib
+import re
 from typing import Any
 
 import msgspec
@@ -17,8 +18,9 @@ class UnknownEventType(Exception):
         from esper import __version__
 
         where = f"seq {seq}" + (f" (offset {offset})" if offset is not None else "")
+        shown = re.sub(r"[\x00-\x1f\x7f\x85\u2028\u2029]", lambda m: ascii(m.group())[1:-1], type_)  # one line
         super().__init__(
-            f"event type {type_} at {where} is not known to esper {__version__} "
+            f"event type {shown} at {where} is not known to esper {__version__} "
             f"(log schema {record_schema}, supported <= {supported}); upgrade esper"
         )
 
@@ -48,8 +50,11 @@ def decode_record(data: bytes | memoryview, offset: int | None = None) -> Record
         from esper.events.envelope import SCHEMA_VERSION
         from esper.events.catalogue import EVENT_TYPES
 
-        raw = _raw_decoder.decode(data)
-        tag = _tag_decoder.decode(raw.event).get("type")
+        try:
+            raw = _raw_decoder.decode(data)
+            tag = _tag_decoder.decode(raw.event).get("type")
+        except UnicodeDecodeError as exc:  # in the payload, where the typed decode did not look
+            raise msgspec.DecodeError(f"invalid UTF-8 in a string: {exc}") from None
         known = {cls.__struct_config__.tag for cls in EVENT_TYPES}
         if isinstance(tag, str) and tag not in known:
             raise UnknownEventType(raw.seq, offset, tag, raw.schema, SCHEMA_VERSION) from None

@@ -99,7 +99,7 @@ class RecordStream:
             offset = base + pos
             try:
                 record = decode(payload) if expected >= decode_from else decode_head(payload)
-            except msgspec.MsgspecError as exc:
+            except (msgspec.MsgspecError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string is the latter
                 raise self._undecodable(payload, offset, expected, exc) from None
             if record.seq != expected or record.run_id != run_id:
                 run_id = self._first_run_id(record, offset, expected, run_id)

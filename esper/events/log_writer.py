@@ -165,12 +165,17 @@ class LogWriter:
     def _flush(self, durable: bool) -> None:
         try:
             if self._buf:
+                # Until the buffer is known to be in the file, the writer counts as failed: an
+                # exception part-way (KeyboardInterrupt from a second SIGINT) leaves an unknown part
+                # written, and writing the buffer again would repeat frames mid-file.
+                self._failed = "interrupted write"
                 try:
                     write_all(self._fd, self._buf)
                 except OSError as exc:
                     raise LogFsyncError(self.path, "write", exc) from exc
                 self._buf.clear()
                 self._written_seq = self._next_seq - 1
+                self._failed = None
             if durable:
                 fsync_file(self._fd, self.path)
         except LogFsyncError as exc:

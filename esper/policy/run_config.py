@@ -6,7 +6,6 @@ is checked the same way whatever layer set it.
 """
 
 import difflib
-import re
 import hashlib
 import re
 import tomllib
@@ -37,6 +36,10 @@ class RunConfig:
 
 class ConfigError(ValueError):
     """A one-line configuration error naming the dotted key."""
+
+    def __init__(self, message: str) -> None:
+        # A quoted TOML key may hold any character: escape line breaks so the message stays one line.
+        super().__init__(re.sub(r"[\x00-\x1f\x7f\x85\u2028\u2029]", lambda m: ascii(m.group())[1:-1], message))
 
 
 _converter = cattrs.Converter(forbid_extra_keys=True)

@@ -31,11 +31,21 @@ from esper.lifecycle.projections import SeedView
 from esper.policy.baselines import NonePolicy, RandomPolicy
 from esper.policy.heuristic import HeuristicPolicy
 from esper.policy.rewards import make_reward_function
-from esper.policy.run_config import ConfigError, RunConfig, config_hash, dump_toml, structure, unstructure
+from esper.policy.run_config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    dump_toml,
+    merge,
+    read_file,
+    structure,
+    unstructure,
+)
 from esper.compute.hosts import TRANSFORMER_PRESETS
 from esper.tasks import TaskData, get_task, load_task
 
 LOG_NAME = "events.elog"
+CONFIG_NAME = "config.toml"
 CHECKPOINT_FORMAT = 1
 DEFAULT_GAMMA = 0.995  # policy §5.6; the PPO section will own it
 
@@ -174,6 +184,22 @@ def create_run_dir(out: Path, name: str | None, config: RunConfig) -> Path:
     raise RunError(f"no free run directory name under '{out}'")
 
 
+def write_config(run_dir: Path, config: RunConfig) -> None:
+    """`config.toml`, whole or not at all: resume reads it when the log holds no complete batch."""
+    path = run_dir / CONFIG_NAME
+    staging = run_dir / (CONFIG_NAME + ".tmp")
+    with open(staging, "w") as f:
+        f.write(dump_toml(unstructure(config)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(staging, path)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # -- running ----------------------------------------------------------------------------------
 
 
@@ -245,7 +271,7 @@ class Run:
         )
 
     def start(self) -> None:
-        (self.run_dir / "config.toml").write_text(dump_toml(unstructure(self.config)))
+        write_config(self.run_dir, self.config)
         self.engine.start_run(self.header(), self.config.run.seed)
         host_params, _ = self.backend.param_counts()
         self.engine.start_episode(0, self.backend.episode_seed, self.config.run.epochs, self.config.run.slots,
@@ -311,6 +337,11 @@ def execute(run: Run, resume: bool = False) -> RunOutcome:
             run.finish(status, None if status == "interrupted" else error)
         except Exception:
             pass  # the log stays valid up to its last commit; the original error is what matters
+        finally:
+            try:
+                run.writer.close()  # a no-op after finish; else releases the lock of a writer that failed
+            except Exception:
+                pass
         raise
     return run.outcome(status, run.finish(status))
 
@@ -320,18 +351,27 @@ def execute(run: Run, resume: bool = False) -> RunOutcome:
 
 def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
            on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None) -> Run:
-    """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4)."""
+    """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4).
+
+    `overrides` is a config layer (sections of keys, as `--config`, the flags and `--set` give):
+    only `run.epochs` (extend only) and `run.device` may differ from the recorded configuration."""
     log = parent / LOG_NAME
+    if not log.is_file():
+        raise RunError(f"'{parent}' holds no run log to resume (no {LOG_NAME}: the run never started; "
+                       "start it again)")
     records = list(LogReader(log).records())
-    if not records or not isinstance(records[0].event, ev.RunStarted):
+    if records and not isinstance(records[0].event, ev.RunStarted):
         raise RunError(f"'{parent}' holds no readable run log to resume")
-    recorded = structure(records[0].event.config)
+    # A log without a complete batch: the run starts again with the configuration of config.toml.
+    recorded = structure(records[0].event.config) if records else _recorded_config(parent)
     config = _resumed_config(recorded, overrides)
     cut, checkpoint = _usable_checkpoint(parent, records)
     run_dir = _sibling(parent, out)
     run = Run(config, run_dir, load_data(config), on_epoch)
-    origin = ev.ForkOrigin(run_id=records[0].run_id, seq=cut, prefix_sha256=prefix_sha256(log, cut))
-    (run_dir / "config.toml").write_text(dump_toml(unstructure(config)))
+    # With no complete batch nothing is copied: seq -1, and the prefix is the header alone.
+    origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
+                           prefix_sha256=prefix_sha256(log, cut if records else -1))
+    write_config(run_dir, config)
     engine = run.engine
     engine.start_run(run.header(origin), config.run.seed)
     if checkpoint is None:  # nothing usable: start again from the beginning, same config
@@ -339,30 +379,52 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
         engine.start_episode(0, run.backend.episode_seed, config.run.epochs, config.run.slots, host_params)
         return run
     _copy_prefix(run, records[1:cut + 1])
-    run.backend.load_state_dict(checkpoint["backend"])
-    engine.governor.load_state_dict(checkpoint["governor"])
-    engine.controller.load_state_dict(checkpoint["controller"])
-    engine.snapshot = checkpoint["snapshot"]
-    run.first_epoch = checkpoint["epoch"] + 1
+    try:
+        run.backend.load_state_dict(checkpoint["backend"])
+        engine.governor.load_state_dict(checkpoint["governor"])
+        engine.controller.load_state_dict(checkpoint["controller"])
+        engine.snapshot = checkpoint["snapshot"]
+        run.first_epoch = checkpoint["epoch"] + 1
+    except Exception as error:  # shapes, groups, names or keys the configuration does not have
+        problem = " ".join(str(error).split())[:300] or type(error).__name__
+        failure = RunError(f"checkpoint '{parent / records[cut].event.path}' does not match the run's "
+                           f"configuration: {problem} (it was not written by this run)")
+        try:
+            run.finish("failed", failure)
+        finally:
+            run.writer.close()
+        raise failure from None
     run.writer.commit()
     return run
 
 
+def _recorded_config(parent: Path) -> RunConfig:
+    path = parent / CONFIG_NAME
+    if not path.is_file():
+        raise RunError(f"'{parent}' holds no recorded run to resume: its log has no complete batch and there is "
+                       f"no {CONFIG_NAME} (start the run again)")
+    return structure(read_file(path))
+
+
 def _resumed_config(recorded: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Only --epochs (extend only) and --device may change on resume."""
-    config = recorded
-    for key, value in overrides.items():
-        if key == "epochs":
-            if value < recorded.run.epochs:
-                raise RunError(f"--epochs {value} would shorten the run ({recorded.run.epochs}); resume can only "
-                               "extend it")
-            config = attrs.evolve(config, run=attrs.evolve(config.run, epochs=value))
-        elif key == "device":
-            config = attrs.evolve(config, run=attrs.evolve(config.run, device=value))
-        elif getattr(recorded.run, key, value) != value:
-            raise RunError(f"option '{key}' differs from the run being resumed (only --epochs and --device may "
-                           "change)")
+    """Only --epochs (extend only) and --device may change on resume; any other key that differs
+    from the recorded configuration is an error naming it (no option is ignored)."""
+    config = structure(merge(unstructure(recorded), overrides))
+    before, after = _dotted(unstructure(recorded)), _dotted(unstructure(config))
+    for key, value in after.items():
+        if value == before.get(key) or key == "run.device":
+            continue
+        if key == "run.epochs" and value > before[key]:
+            continue
+        if key == "run.epochs":
+            raise RunError(f"--epochs {value} would shorten the run ({before[key]}); resume can only extend it")
+        raise RunError(f"config key '{key}' differs from the run being resumed ({before.get(key)!r} recorded, "
+                       f"{value!r} given; only --epochs and --device may change)")
     return config
+
+
+def _dotted(data: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in data.items() for key, value in values.items()}
 
 
 def _usable_checkpoint(parent: Path, records: list) -> tuple[int, dict | None]:
