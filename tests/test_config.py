@@ -244,7 +244,7 @@ def _candidates(section: str, field: attrs.Attribute, default):
             return [o for o in options if o != default]
         return ['a "quoted" C:\\path with ü', "cpu", "text"]
     if typing.get_origin(kind) is tuple:
-        return [("mid", 'odd "name"', "back\\slash"), ("conv_light", "norm"), ("mid",)]
+        return [("mid", 'odd "name"', "back\\slash"), ("conv_light", "norm"), ("mid",), ("gated", "linear")]
     if typing.get_origin(kind) is dict:
         return [{**default, "norm": (1.0, 0.25, 0.5, 2.0)}]
     raise AssertionError(f"no candidate values for {section}.{field.name} of type {kind}")

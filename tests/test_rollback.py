@@ -83,6 +83,7 @@ def run(tmp_path, poison, epochs, lifecycle=None, governor=None):
                                  deterministic=True, threads=1, task="digits", topology="cnn", host=host,
                                  enabled=SLOTS, score_kind="accuracy", data_digest=None), 0)
     engine.start_episode(0, backend.episode_seed, epochs, SLOTS, host.param_count)
+    writer.commit()
     try:
         for epoch in range(1, epochs + 1):
             if engine.step(0, epoch):

@@ -62,16 +62,6 @@ def metrics(epoch: int) -> ev.EpochCompleted:
     )
 
 
-class Scripted:
-    """A controller that decides what the test tells it to."""
-
-    def __init__(self, decision: ev.PolicyDecided):
-        self.decision = decision
-
-    def decide(self, observation) -> ev.PolicyDecided:
-        return self.decision
-
-
 class SlotMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
@@ -103,6 +93,7 @@ class SlotMachine(RuleBasedStateMachine):
         engine.start_run(self.run.header(), 0)
         host_params, _ = self.run.backend.param_counts()
         engine.start_episode(0, self.run.backend.episode_seed, 1000, SLOTS, host_params)
+        self.run.writer.commit()
         shape = tuple(self.run.data.train.inputs.shape[1:])
         self.x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -135,11 +126,10 @@ class SlotMachine(RuleBasedStateMachine):
 
     def decide(self, *commands: ev.PolicyCommand) -> None:
         """The engine's own decision step: record the decision, carry out each command, record a
-        refusal as ActionRejected (engine._decide, with a controller that says what it is told)."""
+        refusal as ActionRejected (engine.carry_out)."""
         decision = ev.PolicyDecided(epoch=self.env.epoch, policy="none", policy_id="test", commands=commands,
                                     action={}, action_index={}, legal={}, rationale="")
-        self.engine.controller = Scripted(decision)
-        self.engine._decide(0, self.engine.observe(0))
+        self.engine.carry_out(0, decision)
 
     def can_decide(self) -> bool:
         return self.run is not None and not self.env.ticked and self.env.epoch not in self.env.decisions

@@ -10,6 +10,7 @@ import click
 from esper.cli.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER
 
 COMMANDS = {
+    "evaluate": "esper.cli.evaluate_cmd:evaluate",
     "export": "esper.cli.export_cmd:export",
     "fork": "esper.cli.fork_cmd:fork",
     "log": "esper.cli.log_cmd:log",
@@ -18,6 +19,7 @@ COMMANDS = {
     "run": "esper.cli.run_cmd:run",
     "schemas": "esper.cli.schemas_cmd:schemas",
     "sql": "esper.cli.sql_cmd:sql",
+    "train-policy": "esper.cli.train_cmd:train_policy",
 }
 
 

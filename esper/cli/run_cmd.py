@@ -8,7 +8,10 @@ import click
 from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
 from esper.cli.progress import EpochPrinter, seeds_table
 from esper.compute.checkpoints import CheckpointWriteError
+from esper.compute.distributed import check_batch, launcher_rank
 from esper.compute.engine import GovernorExhausted
+from esper.compute.errors import CompileError, PeerLost, SetupError
+from esper.compute.launch import launch
 from esper.events.log_errors import LogError, LogFsyncError, UnknownEventType
 from esper.policy import run_config
 from esper.policy.runner import Run, RunError, create_run_dir, execute, load_data, resume
@@ -29,8 +32,10 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--max-seeds", type=click.IntRange(min=0), help="Live seeds per env, fossils included (0: no limit).")
 @click.option("--seed", type=click.IntRange(min=0), help="Run seed (default 0).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
-@click.option("--backend", type=click.Choice(["torch", "simulated"]), help="Compute backend (default torch).")
+@click.option("--backend", type=click.Choice(["torch", "ddp", "simulated"]), help="Compute backend (default torch).")
+@click.option("--nproc", type=click.IntRange(min=1), help="N data-parallel processes via torchrun (--backend ddp).")
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), help="Mixed precision (default off).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (train.compile).")
 @click.option("--fsync", type=click.Choice(["always", "epoch", "never"]), help="Log durability (default epoch).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="A TOML config file.")
 @click.option("--set", "assignments", multiple=True, help="KEY=VALUE config override (TOML literal).")
@@ -38,8 +43,9 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--name", help="Run directory name (default: generated).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Resume an interrupted run.")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress.")
-def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, backend, amp, fsync,
-        config_file, assignments, out, name, resume_dir, quiet) -> None:
+@click.pass_context
+def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, backend, nproc, amp,
+        compile_model, fsync, config_file, assignments, out, name, resume_dir, quiet) -> None:
     """Train a host network and grow seeds in its slots; every fact goes to the run's event log."""
     flags = {
         "task": task, "data": str(data) if data else None, "policy": policy, "epochs": epochs,
@@ -50,9 +56,15 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
     if max_seeds is not None:
         layer["lifecycle"] = {"max_seeds": max_seeds}
     if amp is not None:
-        layer["train"] = {"amp": amp}
+        layer.setdefault("train", {})["amp"] = amp
+    if compile_model:
+        layer.setdefault("train", {})["compile"] = True
     printer = None if quiet else EpochPrinter()
     try:
+        if nproc is not None:
+            sys.exit(_launch(ctx, nproc, backend, resume_dir, [layer], config_file, assignments))
+        if resume_dir is not None and backend == "ddp":
+            raise UserError("--resume does not support --backend ddp yet (resume the run without it)")
         if resume_dir is not None:
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
@@ -69,6 +81,10 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
             layers += [layer] + [run_config.parse_set(a) for a in assignments]
             config = run_config.resolve(*layers)
             data_loaded = load_data(config)
+            if not _rank_zero(config.run.backend, data_loaded.spec.batch_size):
+                # Another data-parallel rank: rank 0 alone creates the run directory, logs and prints.
+                execute(Run(config, None, data_loaded))
+                return
             the_run = Run(config, create_run_dir(out or Path("runs"), name, config), data_loaded, printer)
             click.echo(f"run directory: {the_run.run_dir}", err=True)
             outcome = execute(the_run)
@@ -77,8 +93,10 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
     except CheckpointWriteError as error:
         raise RunFailed(f"{error} (free some space, then resume the run: esper run --resume "
                         f"{error.path.parent.parent})") from None
-    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType) as error:
+    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType, SetupError) as error:
         raise UserError(str(error)) from None
+    except (CompileError, PeerLost) as error:
+        raise RunFailed(str(error)) from None
     except GovernorExhausted as error:
         raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")
     except OSError as error:
@@ -91,3 +109,42 @@ def run(task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, 
     if outcome.status == "interrupted":
         click.echo(f"resume with: esper run --resume {outcome.run_dir}", err=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _rank_zero(backend: str, batch_size: int) -> bool:
+    if backend != "ddp":
+        return True
+    rank, world = launcher_rank()
+    check_batch(batch_size, world)
+    return rank == 0
+
+
+def _launch(ctx: click.Context, nproc: int, backend: str | None, resume_dir: Path | None, layers: list[dict],
+            config_file: Path | None, assignments: tuple[str, ...]) -> int:
+    """Check everything here, so a user error is one line before any process starts; then torchrun."""
+    if backend not in (None, "ddp"):
+        raise UserError(f"--nproc runs the ddp backend, not {backend} (omit --backend)")
+    if resume_dir is not None:
+        raise UserError("--resume does not support --nproc yet (resume the run without it)")
+    found = [run_config.read_file(config_file)] if config_file else []
+    config = run_config.resolve(*found, *layers, {"run": {"backend": "ddp"}},
+                                *[run_config.parse_set(a) for a in assignments])
+    if config.run.backend != "ddp":
+        raise UserError(f"--nproc runs the ddp backend, not {config.run.backend} (drop --set run.backend)")
+    check_batch(load_data(config).spec.batch_size, nproc)
+    return launch(nproc, _worker_args(ctx))
+
+
+def _worker_args(ctx: click.Context) -> list[str]:
+    """The options this command was given, less `--nproc`, plus `--backend ddp`."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name in ("nproc", "backend") or value is None or value is False or value == ():
+            continue
+        if getattr(param, "is_flag", False):
+            args.append(param.opts[0])
+            continue
+        for item in value if param.multiple else [value]:
+            args += [param.opts[0], str(item)]
+    return args + ["--backend", "ddp"]

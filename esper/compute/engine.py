@@ -159,16 +159,30 @@ class Engine:
         self.execute(cmd.StartRun(run=header))
 
     def start_episode(self, env: int, episode_seed: int, max_epochs: int, slots: tuple[str, ...],
-                      host_params: int) -> None:
+                      host_params: int, evaluation: bool = False) -> None:
+        """Record the episode's start (the caller commits) and take the governor's first snapshot."""
         self.execute(cmd.StartEpisode(env=env, episode_seed=episode_seed, host_seed=episode_seed,
-                                      host_params=host_params, slots_enabled=slots, max_epochs=max_epochs), env)
+                                      host_params=host_params, slots_enabled=slots, max_epochs=max_epochs,
+                                      evaluation=evaluation), env)
         self.snapshot = self.backend.snapshot(0)
         env_state = self.state.envs[env]
         self.controller.reset(env, env_state.episode, max_epochs)
-        self.writer.commit()
 
     def step(self, env: int, epoch: int) -> bool:
-        """Train, validate, govern, record, reward, decide, tick. True when the episode finished."""
+        """One whole step of one env (policy §7.2). True when the episode finished."""
+        after, _ = self.measure(env, epoch)
+        if after is None:
+            return True
+        self.act(env, epoch, self.controller.decide(after))
+        if self.checkpoint is not None:
+            self.checkpoint(self, epoch)
+        self.writer.commit()
+        return False
+
+    def measure(self, env: int, epoch: int) -> tuple[Observation | None, ev.RewardComputed | None]:
+        """Steps (1)–(6): train, validate, govern, record, reward the previous decision; then the
+        observation to decide on, or None when the episode just finished. Split from `act` so a
+        trainer can decide for all its envs in one batched forward."""
         started = time.perf_counter()
         env_state = self.state.envs[env]
         config = self.state.config
@@ -189,22 +203,35 @@ class Engine:
         after = self.observe(env)
         max_epochs = env_state.max_epochs
         memory = self.memory
+        reward = None
         if memory.decision is not None:
             reward = self.reward(memory.before, memory.decision, tuple(memory.executed), after,
                                  terminated=epoch == max_epochs, governor=memory.rolled_back)
             self.execute(cmd.RecordReward(env=env, reward=reward), env)
         if epoch == max_epochs:
             self.execute(cmd.FinishEpisode(env=env), env)
-            return True
-        self._decide(env, after)
+            return None, reward
+        return after, reward
+
+    def act(self, env: int, epoch: int, decision: ev.PolicyDecided) -> None:
+        """Steps (7)–(10): record the decision, carry out its commands, tick, snapshot if due."""
+        rolled_back = self.memory.rolled_back  # this step's; recording the decision clears it
+        self.carry_out(env, decision)
         self.execute(cmd.Tick(env=env, epoch=epoch), env)
-        if panic is None and (epoch % self.snapshot_every == 0 or self.memory.snapshot_due):
+        # A step that rolled back keeps the snapshot it restored.
+        if not rolled_back and (epoch % self.snapshot_every == 0 or self.memory.snapshot_due):
             self.snapshot = self.backend.snapshot(epoch)
             self.memory.snapshot_due = False
-        if self.checkpoint is not None:
-            self.checkpoint(self, epoch)
-        self.writer.commit()
-        return False
+
+    def carry_out(self, env: int, decision: ev.PolicyDecided) -> None:
+        """Record the decision, then execute its commands; a refusal becomes ActionRejected."""
+        self.execute(cmd.RecordDecision(env=env, decision=decision), env)
+        for command in decision.commands:
+            try:
+                self.execute(self._lifecycle_command(env, decision.epoch, command), env)
+            except DomainError as error:
+                self.execute(cmd.RejectAction(env=env, decision_epoch=decision.epoch, command=command,
+                                              code=error.code, message=error.message), env)
 
     def _validate(self, env_state: EnvState) -> ValStats:
         config = self.state.config
@@ -285,17 +312,6 @@ class Engine:
             host_params=host_params, l_rand=self.l_rand, recent_culls=tuple(self.memory.recent_culls),
             rolled_back=self.memory.rolled_back,
         )
-
-    def _decide(self, env: int, observation: Observation) -> None:
-        """Record the decision, then carry out its commands; `absorb` notes how each fared."""
-        decision = self.controller.decide(observation)
-        self.execute(cmd.RecordDecision(env=env, decision=decision), env)
-        for command in decision.commands:
-            try:
-                self.execute(self._lifecycle_command(env, decision.epoch, command), env)
-            except DomainError as error:
-                self.execute(cmd.RejectAction(env=env, decision_epoch=decision.epoch, command=command,
-                                              code=error.code, message=error.message), env)
 
     def _lifecycle_command(self, env: int, epoch: int, c: ev.PolicyCommand) -> cmd.Command:
         if c.op == "germinate":

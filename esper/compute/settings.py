@@ -103,3 +103,11 @@ class SimulatedSettings:
     nan_probability: float = attrs.field(default=0.0, validator=[v.ge(0.0), v.le(1.0)])  # per epoch
     blueprints: dict[str, tuple[float, float, float, float]] = attrs.field(
         factory=lambda: dict(SIMULATED_BLUEPRINTS), converter=_blueprint_table)
+
+
+@attrs.frozen
+class DistSettings:
+    """The `[dist]` section: data-parallel training over torch.distributed (runtime §5.3)."""
+
+    timeout_s: float = attrs.field(default=600.0, validator=v.gt(0.0))  # a silent peer aborts every rank
+    verify_every: int = attrs.field(default=0, validator=v.ge(0))  # epochs between checksum checks; 0: never

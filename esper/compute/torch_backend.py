@@ -1,10 +1,12 @@
 """The `torch` compute backend (runtime §5.2): one env's model, optimizer and data on one device.
 
 It decides nothing and reads no lifecycle state: the engine tells it what to build, which mode each
-slot is in and what to measure, and records what it answers.
+slot is in and what to measure, and records what it answers. Under `ddp` every rank holds one, given
+a `DataParallel` that shards its data and joins its passes to the other ranks' (runtime §5.3).
 """
 
 import copy
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -12,7 +14,10 @@ import torch
 from esper.compute import optimizer as opt
 from esper.compute.backend import Evaluation, HostSummary, SeedBuild, TrainStats, ValStats
 from esper.compute.blueprints import get_blueprint
+from esper.compute.compiling import Compiler, compiled_pass
+from esper.compute.data_parallel import DataParallel
 from esper.compute.hosts import CNN_PRESETS, TRANSFORMER_PRESETS, CNNHost, TransformerHost
+from esper.compute.precision import make_scaler
 from esper.compute.settings import TrainSettings
 from esper.compute.slot import GrowingModel
 from esper.compute.streams import DATA, HOST_INIT, PROBE, generator
@@ -24,9 +29,11 @@ from esper.tasks import TaskData, eval_batches, train_batches
 
 class TorchBackend:
     def __init__(self, task: TaskData, train: TrainSettings, lifecycle: LifecycleConfig,
-                 slots: tuple[str, ...], device: torch.device):
+                 slots: tuple[str, ...], device: torch.device, parallel: DataParallel | None = None):
         self.task, self.train, self.lifecycle, self.slot_ids = task, train, lifecycle, slots
         self.device = device
+        self.parallel = parallel
+        self.compiler = Compiler() if train.compile else None
         self.data = task.to(device)
         self.model: GrowingModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -49,8 +56,10 @@ class TorchBackend:
         self.episode_seed = episode_seed
         host = self._host(generator(episode_seed, HOST_INIT))
         self.model = GrowingModel(host, self.slot_ids).to(self.device)
+        if self.compiler is not None:
+            self.compiler.compile_host(self.model.host)
         self.optimizer = opt.build_optimizer(self.model.host, self.task.spec.host_optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.train.amp == "fp16" else None
+        self.scaler = make_scaler(self.device, self.train.amp)
         self.seeds, self.fossils, self.step = {}, set(), 0
         self.total_steps = max_epochs * self._batches_per_epoch()
         return self.summary()
@@ -80,6 +89,8 @@ class TorchBackend:
         g = generator(init_seed)
         module = bp.build(seed_slot.channels, g)
         report = self._probe(module, slot, bp.identity_at_birth, generator(init_seed, PROBE))
+        if self.compiler is not None:
+            self.compiler.compile(module)  # after the probe, which would only add a batch-2 variant
         seed_slot.attach(module, blend_kind, g)
         self.seeds[slot] = (blueprint, blend_kind)
         factor = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0]["base_lr"]
@@ -136,6 +147,9 @@ class TorchBackend:
                     leak_slots: tuple[str, ...]) -> TrainStats:
         train = self.train
         batches = train_batches(self.data, generator(self.episode_seed, DATA, epoch), self.device)
+        net, parallel = None, self.parallel
+        if parallel is not None:
+            batches, net = parallel.shard_train(batches), parallel.wrap(self.model)
 
         def before_step() -> None:
             factor = opt.schedule_factor(self.step, train.lr_schedule, train.warmup_steps, self.total_steps,
@@ -143,12 +157,28 @@ class TorchBackend:
             opt.set_factor(self.optimizer, factor)
             self.step += 1
 
-        return train_pass(
-            self.model, self.optimizer, batches, device=self.device, amp=train.amp, scaler=self.scaler,
-            ratio_slots=ratio_slots, incubating=incubating, leak_slots=leak_slots, stride=self.lifecycle.grad_stats_stride,
-            eps=self.lifecycle.gradient_ratio_eps, grad_clip=train.grad_clip, before_step=before_step,
-            score=self._score,
-        )
+        with self._compiling():
+            stats = train_pass(
+                self.model, self.optimizer, batches, device=self.device, amp=train.amp, scaler=self.scaler,
+                ratio_slots=ratio_slots, incubating=incubating, leak_slots=leak_slots,
+                stride=self.lifecycle.grad_stats_stride, eps=self.lifecycle.gradient_ratio_eps,
+                grad_clip=train.grad_clip, before_step=before_step, score=self._score, net=net, collective=parallel,
+            )
+        if parallel is not None:
+            parallel.verify(self.model, epoch)
+        return stats
+
+    def _compiling(self):
+        return compiled_pass() if self.compiler is not None else nullcontext()
+
+    def _evaluate(self, split: str, configs: list[Configuration], fused: bool):
+        batches = eval_batches(self.data, split, self.device)
+        reduce = None
+        if self.parallel is not None:
+            batches, reduce = self.parallel.shard_eval(batches), self.parallel.sum
+        with self._compiling():
+            return evaluate(self.model, batches, configs, device=self.device, amp=self.train.amp, fused=fused,
+                            score=self._score, reduce=reduce)
 
     def validate(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> ValStats:
         configs = [Configuration("main", ())]
@@ -157,10 +187,7 @@ class TorchBackend:
         active = tuple(s for s, slot in self.model.slots.items() if slot.mode != "inert")
         if all_off:
             configs.append(Configuration("all_off", tuple((s, 0.0) for s in active)))
-        results, passes, seconds = evaluate(
-            self.model, eval_batches(self.data, "val", self.device), configs, device=self.device,
-            amp=self.train.amp, fused=self.train.fused_counterfactuals, score=self._score,
-        )
+        results, passes, seconds = self._evaluate("val", configs, self.train.fused_counterfactuals)
         main_only = seconds / max(1, len(configs))
         return ValStats(
             main=self._text_only(results["main"]),
@@ -176,9 +203,7 @@ class TorchBackend:
         return Evaluation(loss=evaluation.loss, score=evaluation.score, examples=evaluation.examples)
 
     def test(self) -> Evaluation:
-        results, _, _ = evaluate(self.model, eval_batches(self.data, "test", self.device),
-                                 [Configuration("main", ())], device=self.device, amp=self.train.amp,
-                                 fused=False, score=self._score)
+        results, _, _ = self._evaluate("test", [Configuration("main", ())], False)
         return self._text_only(results["main"])
 
     # -- governor -------------------------------------------------------------------------------
@@ -195,8 +220,7 @@ class TorchBackend:
         for slot, state in snapshot["fossils"].items():
             self.model.slots[slot].seed.load_state_dict(state, strict=True)
         self.reset_optimizer_state()
-        if self.scaler is not None:
-            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.scaler = make_scaler(self.device, self.train.amp)
 
     def reset_optimizer_state(self) -> None:
         self.optimizer.state.clear()

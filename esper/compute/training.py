@@ -1,25 +1,32 @@
 """One training pass (runtime §3.2) with the lifecycle's gradient statistics (lifecycle §4.3–4.4).
 
-Sums accumulate on the device; the pass ends with one device-to-host synchronisation.
+Sums accumulate on the device; the pass ends with one device-to-host synchronisation. Under data
+parallelism (runtime §5.3) the same pass runs on every rank over its shard, through the wrapper
+that averages gradients, and the end-of-pass sums are reduced across ranks in one collective.
 """
 
 import math
 import time
-from contextlib import nullcontext
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from esper.compute.backend import SeedGradients, TrainStats
+from esper.compute.precision import autocast
 from esper.compute.slot import GrowingModel, count_leaks
 
 
-def autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class Collective(Protocol):
+    """What a pass needs from the other ranks; None in one process."""
+
+    world: int
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Average the tensors across ranks, in place."""
+
+    def sum_training(self, packed: torch.Tensor) -> torch.Tensor:
+        """Sum across ranks; the model's running statistics are averaged in the same collective."""
 
 
 def loss_and_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -78,11 +85,17 @@ def train_pass(
     grad_clip: float,
     before_step: Callable[[], None],
     score: Callable[[float, float], float],
+    net: Callable[..., torch.Tensor] | None = None,
+    collective: Collective | None = None,
 ) -> TrainStats:
+    """`net` runs the training forward (default: the model itself; the data-parallel wrapper
+    under `ddp`), `collective` joins the other ranks (None: one process)."""
     started = time.perf_counter()
+    forward = net if net is not None else model
     model.train()
     host_params = model.host_parameters()
     seed_params = {s: model.slots[s].seed_parameters() for s in model.slots if model.slots[s].seed is not None}
+    trained = host_params + [p for ps in seed_params.values() for p in ps]
     zero = torch.zeros((), device=device)
     loss_sum, correct_sum, count = zero.clone(), zero.clone(), 0
     ratio_sum = {s: zero.clone() for s in ratio_slots}
@@ -95,19 +108,29 @@ def train_pass(
         optimizer.zero_grad(set_to_none=True)
         capture: dict[str, torch.Tensor] | None = {} if index == 0 and leak_slots else None
         with autocast(device, amp):
-            logits = model(x, capture=capture)
+            logits = forward(x, capture=capture)
         loss, correct, n = loss_and_correct(logits, y)
         if capture is not None:
             leaks = {s: count_leaks(capture[s], host_params) for s in leak_slots if s in capture}
         mean_loss = loss / n
-        if not torch.isfinite(mean_loss):
-            non_finite = True  # the batch is skipped; the governor sees the epoch as non-finite
-            continue
+        finite_loss = bool(torch.isfinite(mean_loss))
+        if not finite_loss:
+            non_finite = True  # the governor sees the epoch as non-finite
+            if collective is None:
+                continue  # the batch is skipped
+            # Every rank must still join the gradient all-reduce; the step is skipped below.
         (scaler.scale(mean_loss) if scaler else mean_loss).backward()
         for slot in incubating:
             _incubation_gradient(model, slot, seed_params[slot], x, y, device, amp, scaler)
+        if collective is not None and incubating:
+            # The incubation pass runs outside the wrapper, so its gradients are averaged here.
+            collective.average([p.grad for s in incubating for p in seed_params[s] if p.grad is not None])
         if scaler:
             scaler.unscale_(optimizer)
+        elif collective is not None and not _finite_gradients(trained):
+            # Averaged gradients are the same on every rank, so every rank skips this step.
+            non_finite = True
+            continue
         if ratio_slots and index % stride == 0:
             host_norm, n_host = _norm(host_params, device)
             host_norm_sum += host_norm
@@ -130,23 +153,37 @@ def train_pass(
             scaler.update()
         else:
             optimizer.step()
-        loss_sum += loss.detach()
-        correct_sum += correct
-        count += n
+        if finite_loss:
+            loss_sum += loss.detach()
+            correct_sum += correct
+            count += n
     finite = {s: torch.stack([torch.isfinite(p).all() for p in ps]).all() if ps else torch.ones((), dtype=torch.bool)
               for s, ps in seed_params.items()}
-    # One synchronisation for the whole pass.
     names = list(ratio_slots)
-    packed = torch.stack(
-        [loss_sum, correct_sum, host_norm_sum]
-        + [ratio_sum[s] for s in names]
-        + [seed_norm_sum[s] for s in names]
-        + [finite[s].float() for s in finite]
-    ).tolist()
-    total_loss, total_correct, host_norm_total = packed[:3]
-    ratios = packed[3:3 + len(names)]
-    seed_norms = packed[3 + len(names):3 + 2 * len(names)]
-    finite_flags = dict(zip(finite, packed[3 + 2 * len(names):]))
+    counts = torch.tensor([float(count), float(non_finite)] + [float(leaks.get(s, 0)) for s in leak_slots],
+                          device=device)
+    packed = torch.cat([
+        torch.stack([loss_sum, correct_sum, host_norm_sum] + [ratio_sum[s] for s in names]
+                    + [seed_norm_sum[s] for s in names] + [finite[s].float() for s in finite]),
+        counts,
+    ]).double()
+    world = 1
+    if collective is not None:
+        # Sums over samples add up; gradient statistics, taken on averaged gradients, and leak
+        # counts are the same on every rank and so come back `world` times over; a flag counts the
+        # ranks that raised it.
+        packed, world = collective.sum_training(packed), collective.world
+    # One synchronisation for the whole pass.
+    values = packed.tolist()
+    total_loss, total_correct, host_norm_total = values[0], values[1], values[2] / world
+    ratios = [v / world for v in values[3:3 + len(names)]]
+    seed_norms = [v / world for v in values[3 + len(names):3 + 2 * len(names)]]
+    at = 3 + 2 * len(names)
+    finite_flags = {s: v == world for s, v in zip(finite, values[at:at + len(finite)])}
+    at += len(finite)
+    count, non_finite = int(values[at]), values[at + 1] > 0
+    # Rounded up: a leak seen on any rank is a leak.
+    leaks = {s: math.ceil(v / world) for s, v in zip(leak_slots, values[at + 2:]) if s in leaks}
     seeds = {}
     for s in seed_params:
         m = names.index(s) if s in names else None
@@ -155,7 +192,7 @@ def train_pass(
             seed_grad_norm=seed_norms[m] / measured if m is not None and measured else None,
             host_grad_norm=host_norm_total / measured if m is not None and measured else None,
             isolation_leaks=leaks.get(s) if s in leak_slots else None,
-            finite=bool(finite_flags[s]) and not non_finite,
+            finite=finite_flags[s] and not non_finite,
         )
     mean_loss = total_loss / count if count else float("nan")
     return TrainStats(
@@ -163,3 +200,8 @@ def train_pass(
         samples=count, non_finite=non_finite or not count, seeds=seeds,
         lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
     )
+
+
+def _finite_gradients(params: list[torch.Tensor]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())

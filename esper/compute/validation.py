@@ -3,7 +3,8 @@
 Each configuration is the model with some slots' alphas overridden: `main` (none), one ablation per
 blended slot (alpha 0), one shadow per TRAINING slot (alpha 1) and `all_off`. Fused execution runs
 them as one forward over the batch replicated once per configuration, with per-sample alpha vectors;
-sequential execution runs them one after another. Both give the same numbers (tested).
+sequential execution runs them one after another. Both give the same numbers (tested). Under data
+parallelism each rank evaluates its share of the batches and the sums are reduced in one collective.
 """
 
 import time
@@ -14,7 +15,8 @@ import torch
 
 from esper.compute.backend import Evaluation
 from esper.compute.slot import GrowingModel
-from esper.compute.training import autocast, loss_and_correct
+from esper.compute.precision import autocast
+from esper.compute.training import loss_and_correct
 
 
 @attrs.frozen
@@ -32,8 +34,11 @@ def evaluate(
     amp: str,
     fused: bool,
     score: Callable[[float, float], float],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, Evaluation], int, float]:
-    """Every configuration over the same batches; returns evaluations, forward passes, seconds."""
+    """Every configuration over the same batches; returns evaluations, forward passes, seconds.
+
+    `reduce` sums a tensor across data-parallel ranks (None: one process)."""
     started = time.perf_counter()
     model.eval()
     k = len(configurations)
@@ -72,7 +77,11 @@ def evaluate(
                     correct[i] += c
                     passes += 1
             count += n
-    losses, corrects = loss.tolist(), correct.tolist()
+    packed = torch.cat([loss, correct, torch.tensor([float(count), float(passes)], device=device)]).double()
+    if reduce is not None:
+        packed = reduce(packed)
+    values = packed.tolist()
+    losses, corrects, count, passes = values[:k], values[k:2 * k], int(values[2 * k]), int(values[2 * k + 1])
     results = {
         config.name: Evaluation(loss=losses[i] / count, score=score(losses[i] / count, corrects[i] / count),
                                 examples=count, next_token_acc=100.0 * corrects[i] / count)

@@ -9,6 +9,7 @@ import re
 import sys
 import zlib
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 
 import msgspec
@@ -48,6 +49,11 @@ class RecordStream:
         self.summary: LogSummary | None = None
 
     def __iter__(self) -> Iterator[Record | RawRecord]:
+        # Whole batches pass through one generator step each, not every record.
+        return chain.from_iterable(self.batches())
+
+    def batches(self) -> Iterator[list[Record | RawRecord]]:
+        """The same records as iterating, one complete batch (from `start_seq` on) per list."""
         # Probed before and after: a writer that starts or stops during the scan can leave a
         # half-written frame that must read as "live", not "torn".
         live = self.probe and writer_active(self.path)
@@ -63,18 +69,19 @@ class RecordStream:
         if live or (self.probe and writer_active(self.path)):
             self.summary = msgspec.structs.replace(self.summary, tail="live", torn_offset=None, torn_bytes=None)
 
-    def _frames(self, f, size: int) -> Iterator[Record | RawRecord]:
+    def _frames(self, f, size: int) -> Iterator[list[Record | RawRecord]]:
         start_seq = self.start_seq
         decode_from = start_seq if self.payloads else sys.maxsize
         head, crc32, decode_head = FRAME_HEAD.unpack_from, zlib.crc32, decode_envelope
         decode = msgspec.msgpack.Decoder(Record).decode  # codec.decode_record only for the failures
+        head_size, max_payload = FRAME_HEAD_SIZE, MAX_PAYLOAD
         buf, base, pos = b"", HEADER_SIZE, 0  # buf[0] lies at file offset `base`
         read_to = HEADER_SIZE  # the file offset `f` has read up to
         expected, run_id, batch = 0, None, []
         cut, cut_seq = HEADER_SIZE, None  # end of the last complete batch, and its last seq
         suspect = None
-        need = FRAME_HEAD_SIZE  # bytes the next step needs from `pos` on
-        while True:
+        need = head_size  # bytes the next step needs from `pos` on
+        while suspect is None:
             if pos + need > len(buf):
                 rest, buf = buf[pos:], b""  # let the old chunk go before reading the next
                 more = f.read(min(max(CHUNK, need - len(rest)), size - read_to))
@@ -83,34 +90,37 @@ class RecordStream:
                 if len(buf) < need:
                     suspect = base if buf else None
                     break
-            length, crc = head(buf, pos)
-            if not 0 < length <= MAX_PAYLOAD:
-                suspect = base + pos
-                break
-            end = pos + FRAME_HEAD_SIZE + length
-            if end > len(buf):
-                need = FRAME_HEAD_SIZE + length
-                continue
-            need = FRAME_HEAD_SIZE
-            payload = buf[pos + FRAME_HEAD_SIZE : end]
-            if crc32(payload) != crc:
-                suspect = base + pos
-                break
-            offset = base + pos
-            try:
-                record = decode(payload) if expected >= decode_from else decode_head(payload)
-            except (msgspec.MsgspecError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string is the latter
-                raise self._undecodable(payload, offset, expected, exc) from None
-            if record.seq != expected or record.run_id != run_id:
-                run_id = self._first_run_id(record, offset, expected, run_id)
-            expected += 1
-            pos = end
-            if expected > start_seq:
-                batch.append(record)
-            if record.batch_end:
-                cut, cut_seq = base + pos, record.seq
-                yield from batch
-                batch = []
+            # Every frame that lies whole in the buffer, without going back to the refill test.
+            n, need = len(buf), head_size
+            while pos + head_size <= n:
+                length, crc = head(buf, pos)
+                body = pos + head_size
+                end = body + length
+                if not 0 < length <= max_payload:
+                    suspect = base + pos
+                    break
+                if end > n:
+                    need = head_size + length
+                    break
+                payload = buf[body:end]
+                if crc32(payload) != crc:
+                    suspect = base + pos
+                    break
+                try:
+                    record = decode(payload) if expected >= decode_from else decode_head(payload)
+                except (msgspec.MsgspecError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string is the latter
+                    raise self._undecodable(payload, base + pos, expected, exc) from None
+                if record.seq != expected or record.run_id != run_id:
+                    run_id = self._first_run_id(record, base + pos, expected, run_id)
+                expected += 1
+                pos = end
+                if expected > start_seq:
+                    batch.append(record)
+                if record.batch_end:
+                    cut, cut_seq = base + pos, record.seq
+                    if batch:
+                        yield batch
+                        batch = []
         if suspect is not None:
             found = find_valid_frame(f.fileno(), suspect + 1, size, _last(expected))
             if found is not None:

@@ -1,12 +1,18 @@
-"""Folding a stream of records into the decider state and the projections, in one pass."""
+"""Folding a stream of records into the decider state and the projections, in one pass.
+
+The fold works on mutable twins of `evolve` and `Projector` (fast_evolve, fast_projector) and
+freezes once at the end: the result equals `reduce(evolve, records, initial_state())` and a
+`Projector` fed the same records, at a fraction of the cost of rebuilding frozen values per record.
+"""
 
 from typing import Any, Iterable
 
 import attrs
 
-from esper.lifecycle.evolve import evolve
-from esper.lifecycle.projections import Projections, Projector
-from esper.lifecycle.state import RunState, initial_state
+from esper.lifecycle.fast_evolve import Evolver
+from esper.lifecycle.fast_projector import FastProjector
+from esper.lifecycle.projections import Projections
+from esper.lifecycle.state import RunState
 
 
 @attrs.frozen
@@ -17,9 +23,10 @@ class Folded:
 
 
 def fold(records: Iterable[Any]) -> Folded:
-    state, projector, count = initial_state(), Projector(), 0
+    evolver, projector, count = Evolver(), FastProjector(), 0
+    evolve, project = evolver.apply, projector.apply
     for record in records:
-        state = evolve(state, record)
-        projector.apply(record)
+        evolve(record)
+        project(record)
         count += 1
-    return Folded(state=state, projections=projector.snapshot(), records=count)
+    return Folded(state=evolver.state(), projections=projector.snapshot(), records=count)

@@ -1,4 +1,5 @@
-"""`[ppo]` (policy §5.6): every PPO hyper-parameter, with its default and a validator.
+"""`[ppo]` (policy §5.6): every PPO hyper-parameter, with its default and a validator, and the
+length and starting point of `esper train-policy`.
 
 Two keys default to a sentinel the trainer resolves, because their real default depends on the run:
 `entropy_anneal_updates = 0` means "the planned number of rounds", and `rollout_length = 0` means
@@ -67,6 +68,11 @@ class PPOConfig:
     rollout_length: int = attrs.field(default=0, validator=v.ge(0))  # T; 0 = E - 1
     normalise_rewards: bool = attrs.field(default=True, validator=v.instance_of(bool))
     blend_kinds: tuple[str, ...] = attrs.field(default=BLEND_KINDS, converter=tuple, validator=_blend_kinds)
+    # `esper train-policy` (runtime §7.2): how long to train, what to start from, held-out checks.
+    rounds: int = attrs.field(default=50, validator=v.ge(1))
+    init: str = ""  # a policy checkpoint to continue from; empty: fresh weights
+    eval_every: int = attrs.field(default=0, validator=v.ge(0))  # rounds; 0: no held-out episodes
+    eval_episodes: int = attrs.field(default=4, validator=v.ge(1))
 
     def anneal_updates(self, planned_updates: int | None = None) -> int:
         """U of the entropy schedule: the configured value, else the planned number of rounds."""

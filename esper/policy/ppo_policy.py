@@ -157,12 +157,13 @@ class PPOPolicy:
             sample = sample_actions(self.net, z, _to(masks, self.device), uniforms, greedy=self.greedy)
         sample = ActionSample(*(getattr(sample, f.name).cpu().clone() for f in attrs.fields(ActionSample)))
         decisions = []
+        policy_id = self.policy_id  # one digest check per batch, not per env
         for i, obs in enumerate(observations):
             self.states[obs.env] = (h1[:, i:i + 1].clone(), c1[:, i:i + 1].clone())
             row = sample.row(i)
             self.last_step[obs.env] = PolicyStep(x[i].clone(), raw[i].clone(), row, h0[0, i].cpu().clone(),
                                                  c0[0, i].cpu().clone())
-            decisions.append(self._decision(obs, tables[i], row))
+            decisions.append(self._decision(obs, tables[i], row, policy_id))
         return decisions
 
     @torch.no_grad()
@@ -177,7 +178,7 @@ class PPOPolicy:
                                  (torch.cat([s[0] for s in states], 1), torch.cat([s[1] for s in states], 1)))
             return [float(v) for v in self.net.value(z).cpu()]
 
-    def _decision(self, obs: Observation, table: ActionTable, sample: ActionSample) -> PolicyDecided:
+    def _decision(self, obs: Observation, table: ActionTable, sample: ActionSample, policy_id: str) -> PolicyDecided:
         a = [int(x) for x in sample.actions[0]]
         flags = [bool(x) for x in sample.applicable[0]]
         op = OPS[a[0]]
@@ -196,7 +197,7 @@ class PPOPolicy:
         chosen = "; ".join(f"{h} {action[h]} p={math.exp(log_prob[h]):.3f}" for i, h in enumerate(HEADS) if flags[i])
         mode = "greedy" if self.greedy else "sampled"
         return PolicyDecided(
-            epoch=obs.epoch, policy=self.name, policy_id=self.policy_id,
+            epoch=obs.epoch, policy=self.name, policy_id=policy_id,
             commands=() if command is None else (command,), action=action, action_index=index,
             legal=legal_summary(table), log_prob=log_prob, log_prob_total=sum(log_prob.values()), value=value,
             entropy=entropy, rationale=f"ppo {mode}: {chosen}; V={value:.4f}",

@@ -15,9 +15,17 @@ from typing import Any
 import attrs
 import cattrs
 
-from esper.compute.settings import GovernorSettings, RunSettings, SimulatedSettings, TaskSettings, TrainSettings
+from esper.compute.settings import (
+    DistSettings,
+    GovernorSettings,
+    RunSettings,
+    SimulatedSettings,
+    TaskSettings,
+    TrainSettings,
+)
 from esper.lifecycle.config import LifecycleConfig
 from esper.policy.heuristic import HeuristicConfig
+from esper.policy.ppo_config import PPOConfig
 from esper.policy.rewards import RewardConfig
 from esper.tasks.spec import get_task
 
@@ -30,7 +38,9 @@ class RunConfig:
     lifecycle: LifecycleConfig = LifecycleConfig()
     governor: GovernorSettings = GovernorSettings()
     heuristic: HeuristicConfig = HeuristicConfig()
+    ppo: PPOConfig = PPOConfig()
     reward: RewardConfig = RewardConfig()
+    dist: DistSettings = DistSettings()
     simulated: SimulatedSettings = SimulatedSettings()
 
 

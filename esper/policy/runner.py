@@ -6,6 +6,7 @@ run is a fork (events §7) into a sibling directory; the interrupted one is neve
 
 import os
 import signal
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -14,10 +15,14 @@ import attrs
 import torch
 
 from esper.compute.blueprints import catalogue
+from esper.compute import distributed
 from esper.compute.checkpoints import prune, read_checkpoint, write_checkpoint
 from esper.compute.engine import Engine
+from esper.compute.errors import SetupError
 from esper.compute.governor import Governor
+from esper.compute.precision import check_precision
 from esper.compute.run_header import run_started
+from esper.compute.settings import SLOT_IDS
 from esper.compute.simulated import SimulatedBackend
 from esper.compute.streams import episode_seed
 from esper.compute.torch_backend import TorchBackend
@@ -29,7 +34,9 @@ from esper.lifecycle import commands as cmd
 from esper.lifecycle.decide import state_digest
 from esper.lifecycle.projections import SeedView
 from esper.policy.baselines import NonePolicy, RandomPolicy
+from esper.policy.features import ObservationContract
 from esper.policy.heuristic import HeuristicPolicy
+from esper.policy.ppo_policy import PPOPolicy
 from esper.policy.rewards import make_reward_function
 from esper.policy.run_config import (
     ConfigError,
@@ -47,7 +54,6 @@ from esper.tasks import TaskData, get_task, load_task
 LOG_NAME = "events.elog"
 CONFIG_NAME = "config.toml"
 CHECKPOINT_FORMAT = 1
-DEFAULT_GAMMA = 0.995  # policy §5.6; the PPO section will own it
 
 
 class RunError(Exception):
@@ -97,6 +103,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def run_contract(config: RunConfig, topology: str) -> ObservationContract:
+    """The observation contract a `ppo:` policy must match: enabled slots in host order, the
+    run's blueprint list and the configured blend kinds."""
+    slots = tuple(s for s in SLOT_IDS if s in config.run.slots)
+    return ObservationContract.of(slots, policy_blueprints(config, topology), config.ppo.blend_kinds)
+
+
 def make_controller(config: RunConfig, env: int = 0) -> Any:
     spec = config.run.policy
     if spec == "none":
@@ -105,7 +118,22 @@ def make_controller(config: RunConfig, env: int = 0) -> Any:
         return RandomPolicy(config.run.seed, env)
     if spec == "heuristic":
         return HeuristicPolicy(config.heuristic)
-    raise RunError(f"unknown policy '{spec}' (choose from none, random, heuristic)")
+    if spec.startswith("ppo:") and spec[4:]:
+        topology = get_task(config.run.task).topology
+        return load_policy(Path(spec[4:]), run_contract(config, topology), greedy=config.run.greedy)
+    raise RunError(f"unknown policy '{spec}' (choose from none, random, heuristic, ppo:CHECKPOINT)")
+
+
+def load_policy(path: Path, contract: ObservationContract, greedy: bool) -> PPOPolicy:
+    """A trained policy for this run's contract; a missing, unreadable or mismatching file is a user error."""
+    if not path.is_file():
+        raise RunError(f"policy checkpoint not found: '{path}' (train one with esper train-policy)")
+    try:
+        return PPOPolicy.load(path, contract, greedy=greedy)
+    except ValueError as error:
+        raise RunError(f"{path}: {error}") from None
+    except Exception as error:  # torch's unpickler: a file that is not a checkpoint at all
+        raise RunError(f"'{path}' is not a policy checkpoint ({type(error).__name__})") from None
 
 
 def check_simulated(config: RunConfig) -> None:
@@ -136,17 +164,21 @@ def simulated_data(spec: Any, context: int | None) -> TaskData:
     return TaskData(spec, empty, empty, empty, data_digest=None, context=context)
 
 
-def load_data(config: RunConfig) -> TaskData:
+def load_data(config: RunConfig, check_policy: bool = True) -> TaskData:
     """Fail before the first epoch: every name, the device and the data are checked here, before a
     run directory exists (runtime §8, rule 1)."""
     check_slots(config)
-    make_controller(config)
     simulated = config.run.backend == "simulated"
     if simulated:
         check_simulated(config)
     else:
-        resolve_device(config.run.device)
+        try:
+            check_precision(config.train.amp, resolve_device(config.run.device))
+        except SetupError as error:
+            raise ConfigError(str(error)) from None
     spec = get_task(config.run.task)
+    if check_policy:
+        make_controller(config)
     preset = config.task.host or spec.host_preset
     presets = TRANSFORMER_PRESETS if spec.topology == "transformer" else {spec.host_preset: None}
     if preset not in presets:
@@ -247,18 +279,26 @@ class Run:
         if simulated:
             self.backend = SimulatedBackend(spec, config.simulated, config.train, config.lifecycle, config.run.slots,
                                             data.context)
+        elif config.run.backend == "ddp":
+            self.backend = distributed.start(data, config.train, config.lifecycle, config.run.slots, self.device,
+                                             config.dist)
+            self.device = self.backend.device  # cuda:LOCAL_RANK on CUDA
         else:
             self.backend = TorchBackend(data, config.train, config.lifecycle, config.run.slots, self.device)
+        self.first_epoch = 1
+        self.started = time.perf_counter()
+        if isinstance(self.backend, distributed.Follower):
+            self.writer = self.engine = None  # rank 0 alone writes the log and runs the engine (runtime §5.3)
+            return
         self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync)
         self.engine = Engine(
             writer=self.writer, run_id=run_dir.name, backend=self.backend, controller=make_controller(config),
-            reward=make_reward_function(config.reward, DEFAULT_GAMMA),
+            reward=make_reward_function(config.reward, config.ppo.gamma),
             governor=Governor(config.governor, spec.l_rand), blueprints=self.blueprints, l_rand=spec.l_rand,
             snapshot_every=config.governor.snapshot_every,
             counterfactual_all_off=config.train.counterfactual_all_off,
             checkpoint=self._checkpoint if config.run.checkpoint_every else None, on_epoch=on_epoch,
         )
-        self.first_epoch = 1
 
     def header(self, forked_from: ev.ForkOrigin | None = None) -> ev.RunStarted:
         spec = self.data.spec
@@ -268,6 +308,7 @@ class Run:
             device=str(self.device), deterministic=self.config.run.deterministic, threads=self.threads,
             task=spec.name, topology=spec.topology, host=host, enabled=self.config.run.slots,
             score_kind=spec.score_kind, data_digest=self.data.data_digest, forked_from=forked_from,
+            world_size=getattr(self.backend, "world_size", 1),
         )
 
     def start(self) -> None:
@@ -276,6 +317,7 @@ class Run:
         host_params, _ = self.backend.param_counts()
         self.engine.start_episode(0, self.backend.episode_seed, self.config.run.epochs, self.config.run.slots,
                                   host_params)
+        self.engine.writer.commit()
 
     def _checkpoint(self, engine: Engine, epoch: int) -> None:
         if epoch % self.config.run.checkpoint_every:
@@ -313,7 +355,7 @@ class Run:
             final.update(test_acc=test.score, test_loss=test.loss)
         self.engine.execute(cmd.FinishRun(
             status=status, final=final, error_type=type(error).__name__ if error else None,
-            error_message=str(error) if error else None,
+            error_message=str(error) if error else None, wall_time_s=time.perf_counter() - self.started,
         ))
         self.writer.close()
         return final
@@ -326,6 +368,18 @@ class Run:
 
 def execute(run: Run, resume: bool = False) -> RunOutcome:
     """Train to the end (or an interrupt); a failure still writes RunFinished(failed) when it can."""
+    if run.engine is None:  # a follower rank: rank 0 decides when the run ends
+        with Interrupt():
+            run.backend.follow()
+        return RunOutcome(run_dir=run.run_dir, status="followed", epochs=0, final={}, seeds=())
+    try:
+        return _execute(run, resume)
+    finally:
+        if isinstance(run.backend, distributed.Leader):
+            run.backend.close()  # release the other ranks, whatever happened here
+
+
+def _execute(run: Run, resume: bool) -> RunOutcome:
     try:
         with Interrupt() as interrupt:
             if not resume:
@@ -363,10 +417,10 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     if records and not isinstance(records[0].event, ev.RunStarted):
         raise RunError(f"'{parent}' holds no readable run log to resume")
     # A log without a complete batch: the run starts again with the configuration of config.toml.
-    recorded = structure(records[0].event.config) if records else _recorded_config(parent)
-    config = _resumed_config(recorded, overrides)
+    recorded = structure(records[0].event.config) if records else recorded_config(parent)
+    config = resumed_config(recorded, overrides)
     cut, checkpoint = _usable_checkpoint(parent, records)
-    run_dir = _sibling(parent, out)
+    run_dir = sibling_dir(parent, out)
     run = Run(config, run_dir, load_data(config), on_epoch)
     # With no complete batch nothing is copied: seq -1, and the prefix is the header alone.
     origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
@@ -377,6 +431,7 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     if checkpoint is None:  # nothing usable: start again from the beginning, same config
         host_params, _ = run.backend.param_counts()
         engine.start_episode(0, run.backend.episode_seed, config.run.epochs, config.run.slots, host_params)
+        run.writer.commit()
         return run
     _copy_prefix(run, records[1:cut + 1])
     try:
@@ -398,7 +453,7 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     return run
 
 
-def _recorded_config(parent: Path) -> RunConfig:
+def recorded_config(parent: Path) -> RunConfig:
     path = parent / CONFIG_NAME
     if not path.is_file():
         raise RunError(f"'{parent}' holds no recorded run to resume: its log has no complete batch and there is "
@@ -406,20 +461,23 @@ def _recorded_config(parent: Path) -> RunConfig:
     return structure(read_file(path))
 
 
-def _resumed_config(recorded: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Only --epochs (extend only) and --device may change on resume; any other key that differs
-    from the recorded configuration is an error naming it (no option is ignored)."""
+def resumed_config(recorded: RunConfig, overrides: dict[str, Any],
+                   extend: tuple[str, str] = ("run.epochs", "--epochs")) -> RunConfig:
+    """Only the `extend` key (extend only: `run.epochs` for a run, `ppo.rounds` for a training) and
+    `run.device` may change on resume; any other key that differs from the recorded configuration is
+    an error naming it (no option is ignored)."""
+    key_extended, flag = extend
     config = structure(merge(unstructure(recorded), overrides))
     before, after = _dotted(unstructure(recorded)), _dotted(unstructure(config))
     for key, value in after.items():
         if value == before.get(key) or key == "run.device":
             continue
-        if key == "run.epochs" and value > before[key]:
+        if key == key_extended and value > before[key]:
             continue
-        if key == "run.epochs":
-            raise RunError(f"--epochs {value} would shorten the run ({before[key]}); resume can only extend it")
+        if key == key_extended:
+            raise RunError(f"{flag} {value} would shorten the run ({before[key]}); resume can only extend it")
         raise RunError(f"config key '{key}' differs from the run being resumed ({before.get(key)!r} recorded, "
-                       f"{value!r} given; only --epochs and --device may change)")
+                       f"{value!r} given; only {flag} and --device may change)")
     return config
 
 
@@ -450,7 +508,7 @@ def _usable_checkpoint(parent: Path, records: list) -> tuple[int, dict | None]:
     return 0, None
 
 
-def _sibling(parent: Path, out: Path | None) -> Path:
+def sibling_dir(parent: Path, out: Path | None) -> Path:
     base = out if out is not None else parent.parent
     base.mkdir(parents=True, exist_ok=True)
     for k in range(1, 10_000):

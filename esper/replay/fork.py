@@ -205,6 +205,7 @@ def _fork(loaded: Loaded, seq: int, point: QuiescentPoint, run: Any, controller:
             host_params, _ = run.backend.param_counts()
             engine.start_episode(0, run.backend.episode_seed, run.config.run.epochs, run.config.run.slots,
                                  host_params)
+            run.writer.commit()
     target = point.epoch if point.env is not None else _epoch_at(parent, seq)
     for epoch in range(first, target + 1):
         engine.step(0, epoch)
@@ -218,6 +219,7 @@ def _fork(loaded: Loaded, seq: int, point: QuiescentPoint, run: Any, controller:
     if 0 not in engine.state.envs:
         host_params, _ = run.backend.param_counts()
         engine.start_episode(0, run.backend.episode_seed, run.config.run.epochs, run.config.run.slots, host_params)
+        run.writer.commit()
     env = engine.state.envs[0]
     controller.reset(0, env.episode, run.config.run.epochs)
     status = "completed"

@@ -2,12 +2,13 @@
 the log reader, its payload re-encoded as JSON for DuckDB's json functions.
 
 Decoding is pure Python and is what loading costs, so several logs are read by worker processes,
-one core each.
+one core each, and handed back as each is done.
 """
 
 import gc
 import multiprocessing
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import repeat
 from pathlib import Path
@@ -20,11 +21,16 @@ from esper.events.codec import UnknownEventType, decode_event
 from esper.events.log import LogError, LogReader, LogSummary, RecordStream
 
 _CONSTANT = pa.dictionary(pa.int32(), pa.string())
+# Arrow's JSON type reaches DuckDB as JSON without the parse a cast from text would cost; the text
+# is msgspec's own encoding, valid by construction.
+JSON = pa.json_(pa.large_string())
 SCHEMA = pa.schema([
     ("seq", pa.int64()), ("run_id", _CONSTANT), ("env", pa.int32()), ("episode", pa.int32()),
     ("ts", pa.int64()), ("schema", pa.int32()), ("batch_end", pa.bool_()), ("type", pa.string()),
-    ("event", pa.large_string()), ("filename", _CONSTANT),
+    ("event", JSON), ("filename", _CONSTANT),
 ])
+_PER_RECORD = [f for f in SCHEMA if f.name not in ("run_id", "filename")]  # the run-wide two are added whole
+CHUNK = 8192  # records held as Python objects at a time, so memory stays bounded on any log
 _TAGS = {cls: cls.__struct_config__.tag for cls in EVENT_TYPES}
 _json = msgspec.json.Encoder()
 
@@ -41,23 +47,28 @@ def log_table(path: Path, allow_unknown: bool = False) -> tuple[pa.Table, LogSum
     return _table(path, RecordStream(path, payloads=False), raw=True)
 
 
-def log_tables(paths: list[Path], allow_unknown: bool = False) -> list[tuple[pa.Table, LogSummary]]:
-    """`log_table` of every path, in order, on as many cores as there are."""
+def log_tables(paths: list[Path], allow_unknown: bool = False) -> Iterator[tuple[pa.Table, LogSummary]]:
+    """`log_table` of every path, in order, on as many cores as there are; each is yielded as soon
+    as it and those before it are done, so the caller's work overlaps the workers'."""
     workers = min(len(paths), os.cpu_count() or 1)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [log_table(p, allow_unknown) for p in paths]
+        yield from (log_table(p, allow_unknown) for p in paths)
+        return
     # fork: a worker starts in milliseconds with esper loaded, and unlike spawn it never re-runs the
-    # caller's __main__. Frozen, the parent's objects are out of the workers' garbage collections:
-    # a DuckDB connection collected in a forked child kills it.
+    # caller's __main__. Frozen, the parent's objects are out of the workers' garbage collections
+    # until a worker turns its collector off: a DuckDB connection collected in a forked child kills it.
     gc.freeze()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=gc.disable)
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_try_table, paths, repeat(allow_unknown)))
+        results = pool.map(_try_table, paths, repeat(allow_unknown))  # forks every worker now
+        gc.unfreeze()
+        # A failed log is read again here so that its own exception is raised: the log errors
+        # take constructor arguments that do not survive the trip back from a worker.
+        for path, result in zip(paths, results):
+            yield log_table(path, allow_unknown) if result is None else result
     finally:
         gc.unfreeze()
-    # A failed log is read again here so that its own exception is raised: the log errors take
-    # constructor arguments that do not survive the trip back from a worker.
-    return [log_table(p, allow_unknown) if r is None else r for p, r in zip(paths, results)]
+        pool.shutdown(cancel_futures=True)  # after an error, the logs not yet read are not wanted
 
 
 def _try_table(path: Path, allow_unknown: bool) -> tuple[pa.Table, LogSummary] | None:
@@ -81,34 +92,46 @@ def _untyped(path: Path, seq: int, raw: msgspec.Raw) -> tuple[str, bytes]:
 
 
 def _table(path: Path, stream: RecordStream, raw: bool) -> tuple[pa.Table, LogSummary]:
-    """The loop every record goes through, so it stays as lean as the reader's own."""
-    seq, env, episode, ts, schema, batch_end, types = [], [], [], [], [], [], []
+    chunks, pending = [], []
+    for batch in stream.batches():
+        pending += batch
+        if len(pending) >= CHUNK:
+            chunks.append(_columns(path, pending, raw))
+            pending = []
+    if pending or not chunks:
+        chunks.append(_columns(path, pending, raw))
+    summary, n = stream.summary, sum(len(chunk[0]) for chunk in chunks)
+    columns = [pa.chunked_array(arrays, field.type) for arrays, field in zip(zip(*chunks), _PER_RECORD)]
+    columns.insert(1, _constant(summary.run_id, n))
+    columns.append(_constant(str(path), n))
+    return pa.Table.from_arrays(columns, schema=SCHEMA), summary
+
+
+def _columns(path: Path, records: list, raw: bool) -> list[pa.Array]:
+    """The per-record columns of some records: whole-list comprehensions, and every payload
+    appended to one JSON buffer."""
     data, ends = bytearray(), [0]
-    encode_into, tags = _json.encode_into, _TAGS
-    for r in stream:
-        seq.append(r.seq)
-        env.append(r.env)
-        episode.append(r.episode)
-        ts.append(r.ts)
-        schema.append(r.schema)
-        batch_end.append(r.batch_end)
-        if raw:
+    if raw:
+        types = []
+        for r in records:
             tag, encoded = _untyped(path, r.seq, r.event)
             types.append(tag)
             data += encoded
-        else:
-            types.append(tags[type(r.event)])
+            ends.append(len(data))
+    else:
+        encode_into, tags = _json.encode_into, _TAGS
+        types = [tags[type(r.event)] for r in records]
+        for r in records:
             encode_into(r.event, data, -1)  # appends, without a bytes object per record
-        ends.append(len(data))
-    summary, n = stream.summary, len(seq)
-    columns = [
-        pa.array(seq, pa.int64()), _constant(summary.run_id, n), pa.array(env, pa.int32()),
-        pa.array(episode, pa.int32()), pa.array(ts, pa.int64()), pa.array(schema, pa.int32()),
-        pa.array(batch_end, pa.bool_()), pa.array(types, pa.string()),
-        pa.LargeStringArray.from_buffers(n, pa.array(ends, pa.int64()).buffers()[1], pa.py_buffer(data)),
-        _constant(str(path), n),
+            ends.append(len(data))
+    events = pa.LargeStringArray.from_buffers(len(records), pa.array(ends, pa.int64()).buffers()[1],
+                                              pa.py_buffer(data))
+    return [
+        pa.array([r.seq for r in records], pa.int64()), pa.array([r.env for r in records], pa.int32()),
+        pa.array([r.episode for r in records], pa.int32()), pa.array([r.ts for r in records], pa.int64()),
+        pa.array([r.schema for r in records], pa.int32()), pa.array([r.batch_end for r in records], pa.bool_()),
+        pa.array(types, pa.string()), pa.ExtensionArray.from_storage(JSON, events),
     ]
-    return pa.Table.from_arrays(columns, schema=SCHEMA), summary
 
 
 def _constant(value: str | None, n: int) -> pa.DictionaryArray:

@@ -15,9 +15,9 @@ import msgspec
 
 from esper import __version__
 from esper.events.log_format import LOG_NAME
-from esper.replay import plots
+from esper.replay import evaluation_table, plots
+from esper.replay.evaluation import compare, run_metrics
 from esper.replay.runlog import RunLog, collect
-from esper.replay.stats import mean_interval
 from esper.replay.svg import rendering
 from esper.replay.timetravel import load
 
@@ -79,27 +79,6 @@ def write(paths: Sequence[str | Path], out: str | Path) -> Path:
 
 
 # -- one run ------------------------------------------------------------------------------------
-
-
-def run_metrics(run: RunLog) -> dict[str, Any]:
-    """The numbers a comparison reads from one run (policy §9)."""
-    final = run.finished.final if run.finished else {}
-    keys = run.keys
-    host = run.episodes[keys[0]].host_params if keys else None
-    points = run.epochs.get(keys[-1], []) if keys else []
-    total = points[-1].total_params if points else None
-    vals = [p.val_acc for k in keys for p in run.epochs.get(k, []) if p.val_acc is not None]
-    outcomes = [s["outcome"] for s in run.seeds]
-    return {
-        "run_id": run.header["run_id"], "policy": run.header["policy"], "seed": run.header["seed"],
-        "status": run.header["status"], "epochs": run.header["epochs"],
-        "final_test": final.get("test_acc"), "final_val": final.get("val_acc", vals[-1] if vals else None),
-        "best_val": max(vals) if vals else None, "host_params": host,
-        "added_params": None if total is None or host is None else total - host,
-        "germinated": len(outcomes), "fossilized": outcomes.count("fossilized"), "culled": outcomes.count("culled"),
-        "rollbacks": len(run.rollbacks), "wall_time_s": run.finished.wall_time_s if run.finished else None,
-        "forward_passes": sum(p.forward_passes for k in keys for p in run.epochs.get(k, [])),
-    }
 
 
 def _run_section(run: RunLog, r: int) -> str:
@@ -183,45 +162,26 @@ def _decisions_table(run: RunLog) -> str:
 
 
 def _comparison(runs: list[RunLog]) -> str:
+    """The table `esper evaluate` prints, from the same logs, and the mean validation curves."""
     metrics = [run_metrics(run) for run in runs]
-    groups: dict[str, list[int]] = {}
+    compared = compare(metrics)
+    by_policy: dict[str, list[int]] = {}
     for i, m in enumerate(metrics):
-        groups.setdefault(str(m["policy"]), []).append(i)
-    baseline = {metrics[i]["seed"]: metrics[i]["final_test"] for i in groups.get("none", [])}
-    columns = ["contender", "runs", "final test", "best val", "params added", "germinated", "fossilized", "culled",
-               "rollbacks", "wall time (s)", "forward passes", "vs none (paired)", "wins/losses"]
-    rows = []
-    for name, members in groups.items():
-        ms = [metrics[i] for i in members]
-        diffs = [m["final_test"] - baseline[m["seed"]] for m in ms
-                 if name != "none" and m["seed"] in baseline and m["final_test"] is not None
-                 and baseline[m["seed"]] is not None]
-        rows.append([name, len(ms)] + [_mean(ms, k) for k in ("final_test", "best_val", "added_params", "germinated",
-                                                               "fossilized", "culled", "rollbacks", "wall_time_s",
-                                                               "forward_passes")]
-                    + [_interval(diffs) if diffs else "-",
-                       f"{sum(d > 0 for d in diffs)}/{sum(d < 0 for d in diffs)}" if diffs else "-"])
-    curves = [(name, [[p.val_acc for k in runs[i].keys for p in runs[i].epochs.get(k, [])] for i in members])
-              for name, members in groups.items()]
+        by_policy.setdefault(str(m["policy"]), []).append(i)
+    curves = [(c.policy, [[p.val_acc for k in runs[i].keys for p in runs[i].epochs.get(k, [])]
+                          for i in by_policy[c.policy]]) for c in compared.contenders]
     table = _table(["run", "policy", "seed", "status", "epochs", "final test", "best val", "added params"],
                    [[m["run_id"], m["policy"], m["seed"], m["status"], m["epochs"], _n(m["final_test"]),
-                     _n(m["best_val"]), _n(m["added_params"], "d")] for m in metrics])
+                     _n(m["best_val"]), _n(m["added_params"], "d")] for m in compared.runs])
     return "\n".join([
         '<section id="comparison"><h2>Comparison</h2>',
-        "<p>Mean ± 95 % t-interval over each contender's runs; the paired difference in final test score "
-        "to <code>none</code> pairs runs by seed.</p>",
-        _table(columns, rows), _figure(plots.comparison(curves)), "<h3>Runs</h3>", table, "</section>",
+        "<p>Mean ± half-width of the 95 % t-interval over each contender's completed runs; the difference "
+        "in final test score to <code>none</code> pairs runs by seed, and a contender is called better only "
+        "where its interval excludes 0.</p>",
+        _table([""] + [c.policy for c in compared.contenders],
+               [[label, *cells] for label, cells in evaluation_table.rows(compared)]),
+        _figure(plots.comparison(curves)), "<h3>Runs</h3>", table, "</section>",
     ])
-
-
-def _mean(ms: list[dict[str, Any]], key: str) -> str:
-    values = [m[key] for m in ms if m[key] is not None]
-    return _interval(values) if values else "-"
-
-
-def _interval(values: list[float]) -> str:
-    mean, half = mean_interval(values)
-    return _n(mean) if half is None else f"{_n(mean)} ± {_n(half)}"
 
 
 # -- HTML helpers -------------------------------------------------------------------------------
@@ -257,7 +217,7 @@ def _table(columns: list[str], rows: list[list[Any]], raw: bool = False) -> str:
 
 def _numeric(text: str) -> bool:
     try:
-        float(text.split(" ")[0])
+        float(text.split(" ")[0].replace(",", ""))
         return True
     except ValueError:
         return False
