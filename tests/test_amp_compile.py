@@ -110,7 +110,7 @@ def test_compiled_pieces_do_not_recompile_for_alpha_or_stage_changes(digits):
     for model in (b, eager):
         model.germinate("mid", "conv_light", "linear", init_seed=3)
     schedule = [("incubate", 0.0, True)] + [("blend", a, True) for a in (0.2, 0.4, 0.6, 0.8)] + [("fused", 1.0, False)]
-    counts = []
+    counts, reported = [], []
     for epoch, (mode, alpha, isolated) in enumerate(schedule, start=1):
         for model in (b, eager):
             model.set_slot("mid", mode, alpha, isolated, mode == "fused")
@@ -127,8 +127,11 @@ def test_compiled_pieces_do_not_recompile_for_alpha_or_stage_changes(digits):
         leaks = train_c.seeds["mid"].isolation_leaks
         assert leaks == train_e.seeds["mid"].isolation_leaks and (leaks == 0) == isolated
         counts.append(counter.graphs)
+        reported.append(train_c.recompiles + val_c.recompiles)  # what EpochCompleted.recompiles records
+        assert train_e.recompiles is None and val_e.recompiles is None
     # Graphs appear while the pieces meet new batch shapes and train/eval; the ramp adds none.
     assert counts[1] == counts[-2], counts
+    assert sum(reported) == counts[-1] and reported[2:-1] == [0, 0, 0], reported
     assert counts[-1] <= counts[-2] + 2, counts  # fusing un-isolates the seed: its input now needs gradients
 
 

@@ -46,6 +46,8 @@ class TrainStats:
     seeds: dict[str, SeedGradients]
     lr: float
     seconds: float
+    amp_scale: float | None = None  # the fp16 gradient scaler's scale at the end of the epoch
+    recompiles: int | None = None  # graphs compiled during the pass (None: not compiling)
 
 
 @attrs.frozen
@@ -65,6 +67,7 @@ class ValStats:
     forward_passes: int
     seconds: float
     counterfactual_seconds: float
+    recompiles: int | None = None
 
 
 class Backend(Protocol):

@@ -9,6 +9,7 @@ import copy
 from contextlib import nullcontext
 from typing import Any
 
+import attrs
 import torch
 
 from esper.compute import optimizer as opt
@@ -34,6 +35,7 @@ class TorchBackend:
         self.device = device
         self.parallel = parallel
         self.compiler = Compiler() if train.compile else None
+        self.graphs_reported = 0
         self.data = task.to(device)
         self.model: GrowingModel | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -58,6 +60,7 @@ class TorchBackend:
         self.model = GrowingModel(host, self.slot_ids).to(self.device)
         if self.compiler is not None:
             self.compiler.compile_host(self.model.host)
+            self.graphs_reported = self.compiler.graphs
         self.optimizer = opt.build_optimizer(self.model.host, self.task.spec.host_optimizer)
         self.scaler = make_scaler(self.device, self.train.amp)
         self.seeds, self.fossils, self.step = {}, set(), 0
@@ -166,7 +169,15 @@ class TorchBackend:
             )
         if parallel is not None:
             parallel.verify(self.model, epoch)
-        return stats
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        return attrs.evolve(stats, amp_scale=scale, recompiles=self._new_graphs())
+
+    def _new_graphs(self) -> int | None:
+        """Graphs compiled since the last pass reported them: a recompiling model shows here."""
+        if self.compiler is None:
+            return None
+        new, self.graphs_reported = self.compiler.graphs - self.graphs_reported, self.compiler.graphs
+        return new
 
     def _compiling(self):
         return compiled_pass() if self.compiler is not None else nullcontext()
@@ -194,7 +205,7 @@ class TorchBackend:
             ablations={s: results[f"ablate:{s}"] for s in ablate},
             shadows={s: results[f"shadow:{s}"] for s in shadow},
             all_off=results.get("all_off"), forward_passes=passes, seconds=main_only,
-            counterfactual_seconds=seconds - main_only,
+            counterfactual_seconds=seconds - main_only, recompiles=self._new_graphs(),
         )
 
     def _text_only(self, evaluation: Evaluation) -> Evaluation:
