@@ -11,7 +11,6 @@ Checked at every batch boundary, with the state digests, on:
   - unstamped records (no seq), as the engine folds a buffered step.
 """
 
-import importlib.util
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,18 +32,8 @@ from esper.lifecycle.fold import fold
 from esper.lifecycle.projections import Projector
 from esper.lifecycle.state import initial_state
 from esper.lifecycle.thawed import thaw
+from synthetic_logs import write_run
 from test_decider_machine import DeciderMachine
-
-
-def _synthetic_log_module():
-    path = Path(__file__).parent.parent / "benchmarks" / "synthetic_log.py"
-    spec = importlib.util.spec_from_file_location("synthetic_log", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic_log = _synthetic_log_module()
 
 
 def check_every_batch(records: list, live: dict[int, object] | None = None) -> None:
@@ -87,7 +76,7 @@ TestFastFoldMachine.settings = settings(
 
 def synthetic_records(directory: Path, seed: int, n_envs: int = 2, episodes: int = 2, epochs: int = 25) -> list:
     path = directory / f"run-{seed}.elog"
-    synthetic_log.write_run(path, seed, n_envs=n_envs, episodes=episodes, epochs=epochs, rng=random.Random(seed))
+    write_run(path, seed, n_envs=n_envs, episodes=episodes, epochs=epochs, rng=random.Random(seed))
     return list(LogReader(path).records())
 
 

@@ -462,11 +462,13 @@ def recorded_config(parent: Path) -> RunConfig:
 
 
 def resumed_config(recorded: RunConfig, overrides: dict[str, Any],
-                   extend: tuple[str, str] = ("run.epochs", "--epochs")) -> RunConfig:
-    """Only the `extend` key (extend only: `run.epochs` for a run, `ppo.rounds` for a training) and
-    `run.device` may change on resume; any other key that differs from the recorded configuration is
-    an error naming it (no option is ignored)."""
-    key_extended, flag = extend
+                   extend: tuple[str, str] | None = None) -> RunConfig:
+    """Only `run.device` and the `extend` key (extend only: `ppo.rounds` for a training) may change
+    on resume; any other key that differs from the recorded configuration is an error naming it (no
+    option is ignored). A run's `--epochs` cannot grow yet: the episode's length is recorded in its
+    EpisodeStarted, inside the copied prefix, and no event extends it."""
+    key_extended, flag = extend or (None, None)
+    allowed = f"only {flag} and --device may change" if flag else "only --device may change"
     config = structure(merge(unstructure(recorded), overrides))
     before, after = _dotted(unstructure(recorded)), _dotted(unstructure(config))
     for key, value in after.items():
@@ -477,7 +479,7 @@ def resumed_config(recorded: RunConfig, overrides: dict[str, Any],
         if key == key_extended:
             raise RunError(f"{flag} {value} would shorten the run ({before[key]}); resume can only extend it")
         raise RunError(f"config key '{key}' differs from the run being resumed ({before.get(key)!r} recorded, "
-                       f"{value!r} given; only {flag} and --device may change)")
+                       f"{value!r} given; {allowed})")
     return config
 
 
