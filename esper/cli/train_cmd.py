@@ -1,4 +1,5 @@
-"""`esper train-policy`: PPO over many runs of the lifecycle (runtime §7.2, policy §7)."""
+"""`esper train-policy`: PPO over many runs of the lifecycle (runtime §7.2, policy §7); under
+torchrun, or with `--nproc N`, the envs are spread over the processes (policy §7.4)."""
 
 import sys
 from pathlib import Path
@@ -9,11 +10,16 @@ from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
 from esper.cli.options import csv_list
 from esper.compute.checkpoints import CheckpointWriteError
 from esper.compute.engine import GovernorExhausted
+from esper.compute.errors import PeerLost, SetupError
+from esper.compute.launch import launch
 from esper.events.log_errors import LogError, LogFsyncError, UnknownEventType
 from esper.policy import run_config
+from esper.policy.dist_ranks import DIST_MODES, Group, Solo, check_envs, join, launched_world
+from esper.policy.run_config import RunConfig
 from esper.policy.runner import RunError, create_run_dir, load_data
 from esper.policy.trainer import PolicyTrainer, RoundSummary
-from esper.policy.training_run import execute_training, resume_training
+from esper.policy.training_run import TrainingOutcome, execute_training, resume_training
+from esper.tasks import TaskData
 from esper.tasks.errors import DataError
 
 # flag -> (section, key)
@@ -96,14 +102,23 @@ def _print_evaluation(round_: int, scores: list, seconds: float) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Parent directory of the run (default: runs).")
 @click.option("--name", help="Run directory name (default: generated).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Resume an interrupted training.")
+@click.option("--dist", "dist_mode", type=click.Choice(DIST_MODES), default="auto",
+              help="auto: spread the envs over torchrun's processes when started by it; off: refuse to.")
+@click.option("--nproc", type=click.IntRange(min=1), help="Spread the envs over N local processes via torchrun.")
 @click.option("--quiet", is_flag=True, help="No per-round progress.")
-def train_policy(config_file, assignments, out, name, resume_dir, quiet, **options) -> None:
+@click.pass_context
+def train_policy(ctx, config_file, assignments, out, name, resume_dir, dist_mode, nproc, quiet, **options) -> None:
     """Train a PPO lifecycle policy over many runs; every decision, reward and update is logged."""
     layer = _layer(options)
     layers = ([run_config.read_file(config_file)] if config_file else []) + [layer] + \
         [run_config.parse_set(a) for a in assignments]
     try:
+        if nproc is not None:
+            sys.exit(_launch(ctx, nproc, dist_mode, resume_dir, layers))
         if resume_dir is not None:
+            if launched_world() > 1:
+                raise UserError(f"--resume runs in one process, and torchrun started {launched_world()} (resume "
+                                "without torchrun: the checkpoints of a distributed training hold every env)")
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
@@ -117,26 +132,76 @@ def train_policy(config_file, assignments, out, name, resume_dir, quiet, **optio
         else:
             config = run_config.resolve(*layers)
             data = load_data(config, check_policy=False)
-            trainer = PolicyTrainer(config, create_run_dir(out or Path("runs"), name, config), data,
-                                    None if quiet else _print_round(config.ppo.rounds),
-                                    None if quiet else _print_evaluation)
-            click.echo(f"run directory: {trainer.run_dir}", err=True)
+            ranks = join(dist_mode, config.ppo.envs, config.dist)
+            try:
+                trainer = _trainer(config, data, ranks, out, name, quiet)
+            except BaseException:
+                ranks.close()
+                raise
             outcome = execute_training(trainer)
     except LogFsyncError as error:
         raise RunFailed(f"{error} (free some space, or check the disk, then resume the training)") from None
     except CheckpointWriteError as error:
         raise RunFailed(f"{error} (free some space, then resume: esper train-policy --resume "
                         f"{error.path.parent.parent})") from None
-    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType) as error:
+    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType, SetupError) as error:
         raise UserError(str(error)) from None
+    except PeerLost as error:
+        raise RunFailed(str(error)) from None
     except GovernorExhausted as error:
         raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")
     except OSError as error:
         raise RunFailed(f"{error} (free some space or choose another --out)") from None
+    if trainer.leader:
+        _report(outcome)
+    if outcome.status == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _report(outcome: TrainingOutcome) -> None:
     click.echo(f"{outcome.status}: {outcome.rounds} rounds, {outcome.episodes} episodes")
     if outcome.policy_path is not None:
         click.echo(f"policy: {outcome.policy_path}  (use it with: esper run --policy ppo:{outcome.policy_path})")
     click.echo(f"run directory: {outcome.run_dir}")
     if outcome.status == "interrupted":
         click.echo(f"resume with: esper train-policy --resume {outcome.run_dir}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+
+
+def _trainer(config: RunConfig, data: TaskData, ranks: Solo | Group, out: Path | None, name: str | None,
+             quiet: bool) -> PolicyTrainer:
+    """Rank 0 alone creates the run directory, writes and reports progress."""
+    if ranks.rank != 0:
+        return PolicyTrainer(config, None, data, ranks=ranks)
+    trainer = PolicyTrainer(config, create_run_dir(out or Path("runs"), name, config), data,
+                            None if quiet else _print_round(config.ppo.rounds), None if quiet else _print_evaluation,
+                            ranks=ranks)
+    click.echo(f"run directory: {trainer.run_dir}", err=True)
+    return trainer
+
+
+def _launch(ctx: click.Context, nproc: int, dist_mode: str, resume_dir: Path | None, layers: list[dict]) -> int:
+    """Check everything here, so a user error is one line before any process starts; then torchrun."""
+    if dist_mode == "off":
+        raise UserError("--nproc starts a distributed training, which --dist off refuses (drop one of them)")
+    if resume_dir is not None:
+        raise UserError("--resume runs in one process (resume without --nproc: the checkpoints of a distributed "
+                        "training hold every env)")
+    config = run_config.resolve(*layers)
+    check_envs(config.ppo.envs, nproc)
+    load_data(config, check_policy=False)
+    return launch(nproc, _worker_args(ctx), command="train-policy")
+
+
+def _worker_args(ctx: click.Context) -> list[str]:
+    """The options this command was given, less `--nproc`."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name == "nproc" or value is None or value is False or value == ():
+            continue
+        if getattr(param, "is_flag", False):
+            args.append(param.opts[0])
+            continue
+        for item in value if param.multiple else [value]:
+            args += [param.opts[0], str(item)]
+    return args

@@ -2,11 +2,10 @@
 
 The engine writes to a `StepBuffer` as to a log writer: each batch folds at once (evolve reads no
 seq), and the trainer appends the buffers in env order when the step ends, so the log is the same
-however the envs' work was interleaved.
+however the envs' work was interleaved, and whichever process stepped them (policy §7.4).
 """
 
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 
@@ -31,7 +30,7 @@ class StepBuffer:
         self.batches.append((run_id, env, episode, list(events)))
         return [PendingRecord(env, episode, event) for event in events]
 
-    def drain_into(self, writer: Any) -> None:
-        for batch in self.batches:
-            writer.append_batch(*batch)
-        self.batches.clear()
+    def take(self) -> list[tuple[str, int | None, int | None, list[Event]]]:
+        """The batches held, in order; the buffer is empty afterwards."""
+        batches, self.batches = self.batches, []
+        return batches

@@ -3,7 +3,9 @@
 Resume (runtime §6.4, policy §8) is a fork at the newest round-boundary checkpoint whose per-env
 digests match the folded log: the parent's records through its `CheckpointWritten` are copied into
 a sibling directory, every engine folds them, the checkpoint restores what the log cannot hold,
-and training continues with the second half of the step the round ended in.
+and training continues with the second half of the step the round ended in. Resume runs in one
+process; a run trained under torchrun resumes there too, since rank 0 gathers every env's part of
+each checkpoint.
 """
 
 from pathlib import Path
@@ -35,7 +37,7 @@ from esper.policy.trainer import CHECKPOINT_FORMAT, POLICY_DIR, LATEST, PolicyTr
 
 @attrs.frozen
 class TrainingOutcome:
-    run_dir: Path
+    run_dir: Path | None  # None on ranks other than 0, which write nothing
     status: str
     rounds: int
     episodes: int
@@ -57,13 +59,15 @@ def execute_training(trainer: PolicyTrainer, resume: bool = False) -> TrainingOu
             pass  # the log stays valid up to its last commit; the original error is what matters
         finally:
             try:
-                trainer.writer.close()
+                trainer.close()
             except Exception:
                 pass
         raise
     trainer.finish(status)
-    latest = trainer.run_dir / POLICY_DIR / LATEST
-    policy = trainer.run_dir / POLICY_DIR / latest.read_text().strip() if latest.is_file() else None
+    policy = None
+    if trainer.leader:
+        latest = trainer.run_dir / POLICY_DIR / LATEST
+        policy = trainer.run_dir / POLICY_DIR / latest.read_text().strip() if latest.is_file() else None
     return TrainingOutcome(trainer.run_dir, status, trainer.round, trainer.merged_state().episodes_completed, policy)
 
 
@@ -88,7 +92,7 @@ def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
     if checkpoint is None:  # nothing usable: train again from the beginning, same configuration
         trainer.writer.commit()
         return trainer
-    for i, env in enumerate(trainer.envs):  # observations folded from the prefix need a built host
+    for i, env in trainer.envs.items():  # observations folded from the prefix need a built host
         env.engine.backend.build(episode_seed(config.run.seed, i, 0), trainer.episode_length)
     _copy_prefix(trainer, records[1:cut + 1])
     try:
@@ -100,7 +104,7 @@ def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
         try:
             trainer.finish("failed", failure)
         finally:
-            trainer.writer.close()
+            trainer.close()
         raise failure from None
     trainer.writer.commit()
     return trainer
@@ -135,7 +139,7 @@ def _copy_prefix(trainer: PolicyTrainer, records: list) -> None:
             continue
         env = batch[0].env
         stamped = trainer.writer.append_batch(trainer.run_id, env, batch[0].episode, [r.event for r in batch])
-        engines = [e.engine for e in trainer.envs] if env is None else [trainer.envs[env].engine]
+        engines = [e.engine for e in trainer.envs.values()] if env is None else [trainer.envs[env].engine]
         for engine in engines:
             before = engine.state
             for new in stamped:
