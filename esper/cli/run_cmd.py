@@ -5,17 +5,13 @@ from pathlib import Path
 
 import click
 
-from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
+from esper.cli.errors import EXIT_INTERRUPTED, UserError
 from esper.cli.progress import EpochPrinter, seeds_table
-from esper.compute.checkpoints import CheckpointWriteError
+from esper.cli.run_failures import reported
 from esper.compute.distributed import check_batch, launcher_rank
-from esper.compute.engine import GovernorExhausted
-from esper.compute.errors import CompileError, PeerLost, SetupError
 from esper.compute.launch import launch
-from esper.events.log_errors import LogError, LogFsyncError, UnknownEventType
 from esper.policy import run_config
-from esper.policy.runner import Run, RunError, create_run_dir, execute, load_data, resume
-from esper.tasks.errors import DataError
+from esper.policy.runner import Run, create_run_dir, execute, load_data, resume
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -60,7 +56,7 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
     if compile_model:
         layer.setdefault("train", {})["compile"] = True
     printer = None if quiet else EpochPrinter()
-    try:
+    with reported("run", "run"):
         if nproc is not None:
             sys.exit(_launch(ctx, nproc, backend, resume_dir, [layer], config_file, assignments))
         if resume_dir is not None and backend == "ddp":
@@ -88,19 +84,6 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
             the_run = Run(config, create_run_dir(out or Path("runs"), name, config), data_loaded, printer)
             click.echo(f"run directory: {the_run.run_dir}", err=True)
             outcome = execute(the_run)
-    except LogFsyncError as error:
-        raise RunFailed(f"{error} (free some space, or check the disk, then resume the run)") from None
-    except CheckpointWriteError as error:
-        raise RunFailed(f"{error} (free some space, then resume the run: esper run --resume "
-                        f"{error.path.parent.parent})") from None
-    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType, SetupError) as error:
-        raise UserError(str(error)) from None
-    except (CompileError, PeerLost) as error:
-        raise RunFailed(str(error)) from None
-    except GovernorExhausted as error:
-        raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")
-    except OSError as error:
-        raise RunFailed(f"{error} (free some space or choose another --out)") from None
     click.echo(seeds_table(outcome.seeds, outcome.epochs))
     final = outcome.final
     summary = ", ".join(f"{k} {v:.2f}" for k, v in final.items() if v is not None)

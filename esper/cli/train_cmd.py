@@ -6,21 +6,17 @@ from pathlib import Path
 
 import click
 
-from esper.cli.errors import EXIT_INTERRUPTED, RunFailed, UserError
+from esper.cli.errors import EXIT_INTERRUPTED, UserError
 from esper.cli.options import csv_list
-from esper.compute.checkpoints import CheckpointWriteError
-from esper.compute.engine import GovernorExhausted
-from esper.compute.errors import PeerLost, SetupError
+from esper.cli.run_failures import reported
 from esper.compute.launch import launch
-from esper.events.log_errors import LogError, LogFsyncError, UnknownEventType
 from esper.policy import run_config
 from esper.policy.dist_ranks import DIST_MODES, Group, Solo, check_envs, join, launched_world
 from esper.policy.run_config import RunConfig
-from esper.policy.runner import RunError, create_run_dir, load_data
+from esper.policy.runner import create_run_dir, load_data
 from esper.policy.trainer import PolicyTrainer, RoundSummary
 from esper.policy.training_run import TrainingOutcome, execute_training, resume_training
 from esper.tasks import TaskData
-from esper.tasks.errors import DataError
 
 # flag -> (section, key)
 _KEYS = {
@@ -112,7 +108,7 @@ def train_policy(ctx, config_file, assignments, out, name, resume_dir, dist_mode
     layer = _layer(options)
     layers = ([run_config.read_file(config_file)] if config_file else []) + [layer] + \
         [run_config.parse_set(a) for a in assignments]
-    try:
+    with reported("train-policy", "training"):
         if nproc is not None:
             sys.exit(_launch(ctx, nproc, dist_mode, resume_dir, layers))
         if resume_dir is not None:
@@ -139,19 +135,6 @@ def train_policy(ctx, config_file, assignments, out, name, resume_dir, dist_mode
                 ranks.close()
                 raise
             outcome = execute_training(trainer)
-    except LogFsyncError as error:
-        raise RunFailed(f"{error} (free some space, or check the disk, then resume the training)") from None
-    except CheckpointWriteError as error:
-        raise RunFailed(f"{error} (free some space, then resume: esper train-policy --resume "
-                        f"{error.path.parent.parent})") from None
-    except (run_config.ConfigError, DataError, RunError, LogError, UnknownEventType, SetupError) as error:
-        raise UserError(str(error)) from None
-    except PeerLost as error:
-        raise RunFailed(str(error)) from None
-    except GovernorExhausted as error:
-        raise RunFailed(f"{error} (lower the learning rate or disable the governor with --set governor.enabled=false)")
-    except OSError as error:
-        raise RunFailed(f"{error} (free some space or choose another --out)") from None
     if trainer.leader:
         _report(outcome)
     if outcome.status == "interrupted":
