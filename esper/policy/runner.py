@@ -290,6 +290,8 @@ class Run:
         if isinstance(self.backend, distributed.Follower):
             self.writer = self.engine = None  # rank 0 alone writes the log and runs the engine (runtime §5.3)
             return
+        # config.toml before the log: a run killed at any moment after this leaves a resumable directory.
+        write_config(run_dir, config)
         self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync)
         self.engine = Engine(
             writer=self.writer, run_id=run_dir.name, backend=self.backend, controller=make_controller(config),
@@ -312,7 +314,6 @@ class Run:
         )
 
     def start(self) -> None:
-        write_config(self.run_dir, self.config)
         self.engine.start_run(self.header(), self.config.run.seed)
         host_params, _ = self.backend.param_counts()
         self.engine.start_episode(0, self.backend.episode_seed, self.config.run.epochs, self.config.run.slots,
@@ -380,24 +381,31 @@ def execute(run: Run, resume: bool = False) -> RunOutcome:
 
 
 def _execute(run: Run, resume: bool) -> RunOutcome:
+    # Closing the writer is a no-op after finish; else it releases the lock of a writer that failed.
+    status = drive(run, resume, run.writer.close)
+    return run.outcome(status, run.finish(status))
+
+
+def drive(job: Any, resume: bool, close: Callable[[], None]) -> str:
+    """Start `job` (a run or a training) unless resumed and train it to the end or an interrupt;
+    the status it ended with. A failure still writes RunFinished(failed) when it can, then re-raises."""
     try:
         with Interrupt() as interrupt:
             if not resume:
-                run.start()
-            status = run.train(interrupt)
+                job.start()
+            return job.train(interrupt)
     except BaseException as error:
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         try:
-            run.finish(status, None if status == "interrupted" else error)
+            job.finish(status, None if status == "interrupted" else error)
         except Exception:
             pass  # the log stays valid up to its last commit; the original error is what matters
         finally:
             try:
-                run.writer.close()  # a no-op after finish; else releases the lock of a writer that failed
+                close()
             except Exception:
                 pass
         raise
-    return run.outcome(status, run.finish(status))
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -425,7 +433,6 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     # With no complete batch nothing is copied: seq -1, and the prefix is the header alone.
     origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
                            prefix_sha256=prefix_sha256(log, cut if records else -1))
-    write_config(run_dir, config)
     engine = run.engine
     engine.start_run(run.header(origin), config.run.seed)
     if checkpoint is None:  # nothing usable: start again from the beginning, same config

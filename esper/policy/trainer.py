@@ -116,7 +116,10 @@ class PolicyTrainer:
             self.learner.load_state_dict(self.policy.extra["learner"])
             self.learner.updates = 0  # the schedule of this run starts again
         self.run_id = self.ranks.broadcast(run_dir.name if self.leader else None)
-        self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync) if self.leader else None
+        self.writer = None
+        if self.leader:  # config.toml before the log, so a kill at any moment leaves it resumable
+            write_config(run_dir, config)
+            self.writer = LogWriter.create(run_dir / LOG_NAME, fsync=config.run.fsync)
         # Held-out greedy episodes run on envs of their own, after the training envs, so their
         # episode seeds come from streams no training episode uses.
         self.evaluator = None
@@ -232,7 +235,6 @@ class PolicyTrainer:
 
     def start(self) -> None:
         if self.leader:
-            write_config(self.run_dir, self.config)
             self.run_scoped(cmd.StartRun(run=self.header()))
             self.writer.commit()
         self._publish()

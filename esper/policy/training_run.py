@@ -24,13 +24,12 @@ from esper.lifecycle.fold import fold
 from esper.policy.run_config import RunConfig, structure
 from esper.policy.runner import (
     LOG_NAME,
-    Interrupt,
     RunError,
+    drive,
     load_data,
     recorded_config,
     resumed_config,
     sibling_dir,
-    write_config,
 )
 from esper.policy.trainer import CHECKPOINT_FORMAT, POLICY_DIR, LATEST, PolicyTrainer, RoundSummary
 
@@ -46,23 +45,7 @@ class TrainingOutcome:
 
 def execute_training(trainer: PolicyTrainer, resume: bool = False) -> TrainingOutcome:
     """Train to the last round (or an interrupt); a failure still writes RunFinished(failed) when it can."""
-    try:
-        with Interrupt() as interrupt:
-            if not resume:
-                trainer.start()
-            status = trainer.train(interrupt)
-    except BaseException as error:
-        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        try:
-            trainer.finish(status, None if status == "interrupted" else error)
-        except Exception:
-            pass  # the log stays valid up to its last commit; the original error is what matters
-        finally:
-            try:
-                trainer.close()
-            except Exception:
-                pass
-        raise
+    status = drive(trainer, resume, trainer.close)
     trainer.finish(status)
     policy = None
     if trainer.leader:
@@ -87,7 +70,6 @@ def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
     trainer = PolicyTrainer(config, sibling_dir(parent, out), load_data(config, check_policy=False), on_round)
     origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
                            prefix_sha256=prefix_sha256(log, cut if records else -1))
-    write_config(trainer.run_dir, config)
     trainer.run_scoped(cmd.StartRun(run=trainer.header(origin)))
     if checkpoint is None:  # nothing usable: train again from the beginning, same configuration
         trainer.writer.commit()
