@@ -5,19 +5,16 @@ The table's numbers are checked against SQL over the run directories (the DuckDB
 against the fold that computed them; the t-interval against a hand-computed case.
 """
 
-import contextlib
 import html
-import io
 import json
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-from esper.cli.main import main
+from cli_helpers import esper
 from esper.replay import connect, evaluation, evaluation_table, report
 from esper.replay.runlog import collect
 from esper.replay.stats import mean_interval, t95
@@ -28,22 +25,6 @@ POLICIES = ["none", "random", "heuristic"]
 # Checkpoints and fsyncs cost more than the simulator's epochs and are no part of the table.
 SIMULATED = ["evaluate", "--backend", "simulated", "--epochs", "30", "--seeds", "3", "--set", "run.checkpoint_every=0",
              "--set", "run.fsync='never'"]
-
-
-def esper(*args: str) -> tuple[int, str, str]:
-    """`esper ARGS` in this process, through the real entry point and its exit-code mapping."""
-    argv, sys.argv = sys.argv, ["esper", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

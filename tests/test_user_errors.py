@@ -6,8 +6,6 @@ exit-code mapping is the real one; a few run as real subprocesses too, and a sec
 write a run directory that a live run holds is refused at once.
 """
 
-import contextlib
-import io
 import os
 import pickle
 import shutil
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.cli.main import main
+from cli_helpers import esper
 from esper.events.log_format import HEADER_SIZE
 from log_helpers import frames, future_event_frame
 
@@ -32,22 +30,6 @@ TESTS = Path(__file__).parent
 BASE = ["run", "--quiet", "--set", "run.threads=1"]
 SYNTHETIC = BASE + ["--task", "synthetic", "--policy", "random", "--seed", "2"]
 TRIED: list[str] = []
-
-
-def esper(*args: str) -> tuple[int, str, str]:
-    """`esper ARGS` in this process, through the real entry point."""
-    argv, sys.argv = sys.argv, ["esper", *args]
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_user_error(result: tuple[int, str, str], *words: str) -> str:

@@ -416,23 +416,13 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4).
 
     `overrides` is a config layer (sections of keys, as `--config`, the flags and `--set` give):
-    only `run.epochs` (extend only) and `run.device` may differ from the recorded configuration."""
-    log = parent / LOG_NAME
-    if not log.is_file():
-        raise RunError(f"'{parent}' holds no run log to resume (no {LOG_NAME}: the run never started; "
-                       "start it again)")
-    records = list(LogReader(log).records())
-    if records and not isinstance(records[0].event, ev.RunStarted):
-        raise RunError(f"'{parent}' holds no readable run log to resume")
-    # A log without a complete batch: the run starts again with the configuration of config.toml.
-    recorded = structure(records[0].event.config) if records else recorded_config(parent)
+    only `run.device` may differ from the recorded configuration."""
+    records, recorded = read_parent(parent, "run")
     config = resumed_config(recorded, overrides)
     cut, checkpoint = _usable_checkpoint(parent, records)
     run_dir = sibling_dir(parent, out)
     run = Run(config, run_dir, load_data(config), on_epoch)
-    # With no complete batch nothing is copied: seq -1, and the prefix is the header alone.
-    origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
-                           prefix_sha256=prefix_sha256(log, cut if records else -1))
+    origin = fork_origin(parent, records, cut)
     engine = run.engine
     engine.start_run(run.header(origin), config.run.seed)
     if checkpoint is None:  # nothing usable: start again from the beginning, same config
@@ -458,6 +448,27 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
         raise failure from None
     run.writer.commit()
     return run
+
+
+def read_parent(parent: Path, what: str) -> tuple[list, RunConfig]:
+    """The records of the log being resumed and the configuration it recorded: RunStarted's, or
+    config.toml's when the log holds no complete batch (the run then starts again)."""
+    log = parent / LOG_NAME
+    if not log.is_file():
+        raise RunError(f"'{parent}' holds no run log to resume (no {LOG_NAME}: the {what} never started; "
+                       "start it again)")
+    records = list(LogReader(log).records())
+    if records and not isinstance(records[0].event, ev.RunStarted):
+        raise RunError(f"'{parent}' holds no readable run log to resume")
+    return records, structure(records[0].event.config) if records else recorded_config(parent)
+
+
+def fork_origin(parent: Path, records: list, cut: int) -> ev.ForkOrigin:
+    """Where a resumed log comes from; with no complete batch nothing is copied: seq -1, and the
+    prefix is the header alone."""
+    seq = cut if records else -1
+    return ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=seq,
+                         prefix_sha256=prefix_sha256(parent / LOG_NAME, seq))
 
 
 def recorded_config(parent: Path) -> RunConfig:

@@ -16,18 +16,16 @@ import attrs
 from esper.compute.checkpoints import read_checkpoint
 from esper.compute.streams import episode_seed
 from esper.events import catalogue as ev
-from esper.events.log import prefix_sha256
-from esper.events.log_reader import LogReader
 from esper.lifecycle import commands as cmd
 from esper.lifecycle.decide import state_digest
 from esper.lifecycle.fold import fold
-from esper.policy.run_config import RunConfig, structure
+from esper.policy.run_config import RunConfig
 from esper.policy.runner import (
-    LOG_NAME,
     RunError,
     drive,
+    fork_origin,
     load_data,
-    recorded_config,
+    read_parent,
     resumed_config,
     sibling_dir,
 )
@@ -57,20 +55,11 @@ def execute_training(trainer: PolicyTrainer, resume: bool = False) -> TrainingOu
 def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
                     on_round: Callable[[RoundSummary], None] | None = None) -> PolicyTrainer:
     """Only `--rounds` (extend only), `--device` and verbosity may differ from the recorded run."""
-    log = parent / LOG_NAME
-    if not log.is_file():
-        raise RunError(f"'{parent}' holds no run log to resume (no {LOG_NAME}: the training never started; "
-                       "start it again)")
-    records = list(LogReader(log).records())
-    if records and not isinstance(records[0].event, ev.RunStarted):
-        raise RunError(f"'{parent}' holds no readable run log to resume")
-    recorded = structure(records[0].event.config) if records else recorded_config(parent)
+    records, recorded = read_parent(parent, "training")
     config = resumed_config(recorded, overrides, extend=("ppo.rounds", "--rounds"))
     cut, checkpoint = _usable_checkpoint(parent, records, config)
     trainer = PolicyTrainer(config, sibling_dir(parent, out), load_data(config, check_policy=False), on_round)
-    origin = ev.ForkOrigin(run_id=records[0].run_id if records else parent.name, seq=cut if records else -1,
-                           prefix_sha256=prefix_sha256(log, cut if records else -1))
-    trainer.run_scoped(cmd.StartRun(run=trainer.header(origin)))
+    trainer.run_scoped(cmd.StartRun(run=trainer.header(fork_origin(parent, records, cut))))
     if checkpoint is None:  # nothing usable: train again from the beginning, same configuration
         trainer.writer.commit()
         return trainer
