@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from esper.compute.backend import EpochPlan
 from esper.compute.settings import TrainSettings
 from esper.compute.torch_backend import TorchBackend
 from esper.events import catalogue as ev
@@ -55,8 +56,7 @@ def grown(data: TaskData, amp: str) -> TorchBackend:
 
 def epoch_seconds(b: TorchBackend, epoch: int) -> float:
     started = time.perf_counter()
-    b.train_epoch(epoch, ("mid",), (), ())
-    b.validate(("mid",), (), False)
+    b.run_epoch(EpochPlan(epoch, ratio_slots=("mid",), ablate=("mid",)))
     return time.perf_counter() - started
 
 

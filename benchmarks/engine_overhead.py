@@ -49,6 +49,7 @@ from esper.compute.checkpoints import prune, write_checkpoint
 from esper.compute.hosts import CNN_PRESETS, CNNHost
 from esper.compute.slot import GrowingModel
 from esper.compute.streams import DATA, HOST_INIT, episode_seed, generator
+from esper.compute.sums import settle
 from esper.compute.training import train_pass
 from esper.compute.validation import Configuration, evaluate
 from esper.events.catalogue import PolicyCommand, PolicyDecided
@@ -147,7 +148,7 @@ def esper_run(config: RunConfig, data: TaskData, root: Path, name: str,
                 inside[0] += time.perf_counter() - t0
         return call
 
-    run.backend.train_epoch, run.backend.validate = timed(run.backend.train_epoch), timed(run.backend.validate)
+    run.backend.run_epoch = timed(run.backend.run_epoch)
 
     def timed_step(env: int, epoch: int) -> bool:
         inside[0] = 0.0
@@ -168,7 +169,7 @@ def esper_run(config: RunConfig, data: TaskData, root: Path, name: str,
 def _record_schedule(run: Run, schedule: list[dict[str, Any]]) -> None:
     """What the engine asks of its backend each epoch: seeds built, slot modes, measurements."""
     backend = run.backend
-    original = {n: getattr(backend, n) for n in ("germinate", "train_epoch", "validate")}
+    original = {n: getattr(backend, n) for n in ("germinate", "run_epoch")}
     epoch_of = {"current": 0}
 
     def germinate(slot, blueprint, blend_kind, init_seed):
@@ -176,19 +177,14 @@ def _record_schedule(run: Run, schedule: list[dict[str, Any]]) -> None:
                          "blueprint": blueprint, "blend": blend_kind, "init_seed": init_seed})
         return original["germinate"](slot, blueprint, blend_kind, init_seed)
 
-    def train_epoch(epoch, ratio_slots, incubating, leak_slots):
-        epoch_of["current"] = epoch
+    def run_epoch(plan):
+        epoch_of["current"] = plan.epoch
         modes = {s: (slot.mode, float(slot.alpha), slot.isolated) for s, slot in backend.model.slots.items()
                  if slot.seed is not None}
-        schedule.append({"op": "train", "epoch": epoch, "modes": modes, "ratio": ratio_slots,
-                         "incubating": incubating, "leak": leak_slots})
-        return original["train_epoch"](epoch, ratio_slots, incubating, leak_slots)
+        schedule.append({"op": "epoch", "modes": modes, "plan": plan})
+        return original["run_epoch"](plan)
 
-    def validate(ablate, shadow, all_off):
-        schedule.append({"op": "validate", "ablate": ablate, "shadow": shadow, "all_off": all_off})
-        return original["validate"](ablate, shadow, all_off)
-
-    backend.germinate, backend.train_epoch, backend.validate = germinate, train_epoch, validate
+    backend.germinate, backend.run_epoch = germinate, run_epoch
 
 
 # -- the bare side ----------------------------------------------------------------------------
@@ -207,28 +203,28 @@ def bare_run(config: RunConfig, data: TaskData, schedule: list[dict[str, Any]]) 
         return float(spec.score(loss=loss, accuracy=accuracy))
 
     germinations = {s["after_epoch"]: s for s in schedule if s["op"] == "germinate"}
-    trains = [s for s in schedule if s["op"] == "train"]
-    validations = [s for s in schedule if s["op"] == "validate"]
     epoch_times, cpu_times, losses = [], [], []
-    for train, val in zip(trains, validations):
-        epoch = train["epoch"]
+    for step in (s for s in schedule if s["op"] == "epoch"):
+        plan = step["plan"]
+        epoch = plan.epoch
         t0, c0 = time.perf_counter(), time.process_time()
-        for slot, (mode, alpha, isolated) in train["modes"].items():
+        for slot, (mode, alpha, isolated) in step["modes"].items():
             model.slots[slot].set_slot(mode, alpha, isolated)
-        stats = train_pass(
+        training = train_pass(
             model, optimizer, train_batches(data, generator(seed, DATA, epoch), device), device=device,
-            amp="off", scaler=None, ratio_slots=train["ratio"], incubating=train["incubating"],
-            leak_slots=train["leak"], stride=lc.grad_stats_stride, eps=lc.gradient_ratio_eps, grad_clip=0.0,
+            amp="off", scaler=None, ratio_slots=plan.ratio_slots, incubating=plan.incubating,
+            leak_slots=plan.leak_slots, stride=lc.grad_stats_stride, eps=lc.gradient_ratio_eps, grad_clip=0.0,
             before_step=lambda: None, score=score,
         )
         configs = [Configuration("main", ())]
-        configs += [Configuration(f"ablate:{s}", ((s, 0.0),)) for s in val["ablate"]]
-        configs += [Configuration(f"shadow:{s}", ((s, 1.0),)) for s in val["shadow"]]
-        if val["all_off"]:
+        configs += [Configuration(f"ablate:{s}", ((s, 0.0),)) for s in plan.ablate]
+        configs += [Configuration(f"shadow:{s}", ((s, 1.0),)) for s in plan.shadow]
+        if plan.all_off:
             active = tuple(s for s, slot in model.slots.items() if slot.mode != "inert")
             configs.append(Configuration("all_off", tuple((s, 0.0) for s in active)))
-        results, _, _ = evaluate(model, eval_batches(data, "val", device), configs, device=device, amp="off",
-                                 fused=True, score=score)
+        validation = evaluate(model, eval_batches(data, "val", device), configs, device=device, amp="off",
+                              fused=True, score=score)
+        stats, (results, _, _) = settle([training, validation], None)
         if epoch in germinations:
             g = germinations[epoch]
             init = generator(g["init_seed"])
@@ -239,8 +235,8 @@ def bare_run(config: RunConfig, data: TaskData, schedule: list[dict[str, Any]]) 
         epoch_times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         losses.append((stats.loss, results["main"].loss))
-    evaluate(model, eval_batches(data, "test", device), [Configuration("main", ())], device=device, amp="off",
-             fused=False, score=score)
+    settle([evaluate(model, eval_batches(data, "test", device), [Configuration("main", ())], device=device,
+                     amp="off", fused=False, score=score)], None)
     return {"epochs": epoch_times, "cpu": cpu_times, "total": time.perf_counter() - started, "losses": losses}
 
 
@@ -286,11 +282,12 @@ def main() -> None:
     try:
         warm = esper_run(config, data, root, "warmup", record_schedule=True)
         schedule = warm["schedule"]
-        stages = [f"e{t['epoch']}:" + (",".join(f"{s}={m[0]}@{m[1]:.2f}" for s, m in t["modes"].items()) or "host")
-                  for t in schedule if t["op"] == "train"]
+        epochs = [t for t in schedule if t["op"] == "epoch"]
+        stages = [f"e{t['plan'].epoch}:" + (",".join(f"{s}={m[0]}@{m[1]:.2f}" for s, m in t["modes"].items())
+                                             or "host") for t in epochs]
         print("schedule (slot modes per epoch): " + " ".join(stages))
-        assert any(t["incubating"] for t in schedule if t["op"] == "train"), "no incubation epoch"
-        assert any(v["ablate"] for v in schedule if v["op"] == "validate"), "no ablation epoch"
+        assert any(t["plan"].incubating for t in epochs), "no incubation epoch"
+        assert any(t["plan"].ablate for t in epochs), "no ablation epoch"
         bare_warm = bare_run(config, data, schedule)
         for e, (a, b) in enumerate(zip(warm["losses"], bare_warm["losses"]), 1):
             if a != b:

@@ -63,6 +63,7 @@ _EXAMPLES = {
         epoch=0, episode_seed=11, host_seed=12, host_params=422, slots_enabled=("mid",), max_epochs=30,
         evaluation=False,
     ),
+    c.EpisodeExtended: lambda: c.EpisodeExtended(epoch=12, max_epochs=40, previous_max_epochs=30),
     c.EpochCompleted: lambda: c.EpochCompleted(
         epoch=3, train_loss=0.9, train_acc=70.0, val_loss=1.0, val_acc=68.5, n_train=1257, n_val=270,
         total_params=438, lr=0.01, forward_passes=3, non_finite=False, rolled_back=False,

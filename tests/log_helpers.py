@@ -8,6 +8,7 @@ import msgspec
 
 from esper.events import catalogue as c
 from esper.events.codec import encode_record
+from esper.events.envelope import SCHEMA_VERSION
 from esper.events.log import LogWriter
 from esper.events.log_format import FRAME_HEAD, HEADER_SIZE
 from event_factory import RUN_ID, all_examples, example
@@ -50,7 +51,7 @@ def frame(payload: bytes) -> bytes:
 def future_event_frame(seq: int) -> bytes:
     """A well-formed frame whose payload has a tag this esper does not know."""
     envelope = {
-        "seq": seq, "run_id": RUN_ID, "env": 0, "episode": 0, "ts": 1, "schema": 2, "batch_end": True,
+        "seq": seq, "run_id": RUN_ID, "env": 0, "episode": 0, "ts": 1, "schema": SCHEMA_VERSION + 1, "batch_end": True,
         "event": {"type": "FutureEvent", "epoch": 1},
     }
     return frame(msgspec.msgpack.encode(envelope))

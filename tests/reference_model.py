@@ -81,6 +81,7 @@ class RefEnv:
     ticked: bool = True
     seed_counter: int = 0
     decisions: set[int] = field(default_factory=set)
+    max_epochs: int = 30
 
     def live(self) -> int:
         return sum(1 for s in self.slots.values() if s.stage in LIVE)
@@ -352,6 +353,14 @@ class ReferenceModel:
     def run_scoped_record(self) -> str | None:
         """RecordCheckpoint and RecordPolicyUpdate."""
         return self._predict(self._run)
+
+    def extend_episode(self, env: int, max_epochs: int) -> str | None:
+        def go():
+            e = self._env(env)
+            if max_epochs <= e.max_epochs:
+                raise Refused("invalid_extension")
+            e.max_epochs = max_epochs
+        return self._predict(go)
 
     def finish_episode(self, env: int) -> str | None:
         def go():

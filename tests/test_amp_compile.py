@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from esper.cli.main import cli
+from esper.compute.backend import EpochPlan
 from esper.compute.compiling import Compiler
 from esper.compute.settings import TrainSettings
 from esper.compute.torch_backend import TorchBackend
@@ -47,8 +48,9 @@ def grow(b: TorchBackend, epochs: int):
         if epoch == 4:
             b.germinate("mid", "conv_light", "linear", init_seed=3)
             b.set_slot("mid", "blend", 0.5, True, False)
-        train = b.train_epoch(epoch, ("mid",) if epoch >= 4 else (), (), ("mid",) if epoch >= 4 else ())
-    return train, b.validate(("mid",), (), False)
+        seed = ("mid",) if epoch >= 4 else ()
+        train, val = b.run_epoch(EpochPlan(epoch, ratio_slots=seed, leak_slots=seed, ablate=seed))
+    return train, val
 
 
 def test_bf16_autocast_trains_close_to_fp32(digits):
@@ -70,7 +72,7 @@ def test_training_validation_and_counterfactuals_run_in_the_precision_of_the_run
     seen: list[torch.dtype] = []
     for conv in (b.model.host.blocks[0][0], b.model.slots["mid"].seed.branch[0]):
         conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    b.train_epoch(1, ("mid",), (), ())
+    b.run_epoch(EpochPlan(1, ratio_slots=("mid",), ablate=("mid",)))
     assert seen and set(seen) == {torch.bfloat16}
     seen.clear()
     val = b.validate(("mid",), (), False)  # main and the ablation, fused into one forward
@@ -82,7 +84,7 @@ def test_the_gradient_scaler_state_is_checkpointed_and_reset_by_rollback(digits)
     # fp16 is refused on CPU for runs (next test); the backend itself runs it, so its scaler can be checked here.
     b = backend(digits, amp="fp16")
     snapshot = b.snapshot(0)
-    b.train_epoch(1, (), (), ())
+    b.run_epoch(EpochPlan(1))
     b.scaler.update(1024.0)  # a state that differs from a fresh scaler's
     state = b.state_dict()
     assert state["scaler"]["scale"] == 1024.0
@@ -119,8 +121,7 @@ def test_compiled_pieces_do_not_recompile_for_alpha_or_stage_changes(digits):
         ablate = () if mode == "incubate" else ("mid",)
         results = []
         for model in (b, eager):
-            train = model.train_epoch(epoch, ("mid",), incubating, ("mid",))
-            results.append((train, model.validate(ablate, shadow, False)))
+            results.append(model.run_epoch(EpochPlan(epoch, ("mid",), incubating, ("mid",), ablate, shadow)))
         (train_c, val_c), (train_e, val_e) = results
         assert train_c.loss == pytest.approx(train_e.loss, rel=1e-4)
         assert val_c.main.loss == pytest.approx(val_e.main.loss, rel=1e-4)
@@ -160,3 +161,20 @@ def test_a_compile_failure_is_one_line_and_fails_the_run(tmp_path):
     assert last.startswith("esper: error: torch.compile failed") and "Traceback" not in result.stderr
     log = Path(tmp_path / "runs" / "c" / "events.elog")
     assert log.is_file()  # RunFinished(failed) went to the log
+
+
+def test_deterministic_cuda_runs_get_a_fixed_cublas_workspace(monkeypatch):
+    """Without CUBLAS_WORKSPACE_CONFIG, deterministic mode refuses every CUDA matrix multiply."""
+    from esper.policy import run_config
+    from esper.policy.runner import configure_torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        configure_torch(run_config.resolve({"run": {"threads": 1}}), torch.device("cpu"))
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        configure_torch(run_config.resolve({"run": {"threads": 1}}), torch.device("cuda", 0))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ the test instead of blocking the suite.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from click.testing import CliRunner
 
 from esper.cli.main import cli
+from esper.compute.backend import EpochPlan
 from esper.compute.data_parallel import DataParallel
 from esper.compute.settings import TrainSettings
 from esper.compute.streams import DATA, generator
@@ -91,8 +93,8 @@ def test_one_rank_reproduces_the_plain_backend_and_skips_non_finite_steps(tmp_pa
             results = []
             for b in backends:
                 b.set_slot("mid", mode, 0.3 * epoch, True, False)
-                train = b.train_epoch(epoch, ("mid",), ("mid",) if mode == "incubate" else (), ("mid",))
-                results.append((train, b.validate(("mid",) if mode == "blend" else (), (), False)))
+                results.append(b.run_epoch(EpochPlan(epoch, ("mid",), ("mid",) if mode == "incubate" else (), ("mid",),
+                                                     ablate=("mid",) if mode == "blend" else ())))
             (a, va), (b, vb) = results
             assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.samples == a.samples
             assert b.seeds["mid"].grad_ratio == pytest.approx(a.seeds["mid"].grad_ratio, rel=1e-5)
@@ -103,11 +105,47 @@ def test_one_rank_reproduces_the_plain_backend_and_skips_non_finite_steps(tmp_pa
             with torch.no_grad():
                 b.model.host.head.weight.fill_(float("nan"))
             conv = b.model.host.blocks[0][0].weight.clone()
-            assert b.train_epoch(4, (), (), ()).non_finite
+            assert b.run_epoch(EpochPlan(4))[0].non_finite
             assert torch.equal(b.model.host.blocks[0][0].weight, conv)  # no step was taken
     finally:
         backends[1].parallel.release()
         dist.destroy_process_group()
+
+
+def test_an_epoch_reduces_its_measurements_once_after_one_broadcast(tmp_path, monkeypatch):
+    """The fixed schedule of runtime §5.3, counted on a one-rank group in this process: per epoch
+    rank 0's one broadcast opening it, one all-reduce of the running statistics and one of every
+    measurement (training, gradients, validation, counterfactuals); then the test pass (one
+    broadcast, one all-reduce) and the broadcast that stops the other ranks. The wrapper's gradient
+    all-reduces run inside DistributedDataParallel, not through these calls."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost"),
+                        ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(name, value)
+    calls: list[tuple[str, int]] = []
+    for name in ("all_reduce", "broadcast_object_list", "all_gather_object"):
+        original = getattr(dist, name)
+
+        def counted(first, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, first.numel() if _name == "all_reduce" else len(first)))
+            return _original(first, *args, **kwargs)
+
+        monkeypatch.setattr(dist, name, counted)
+    epochs_run = 4
+    result = CliRunner().invoke(cli, ["run", "--quiet", "--task", "digits", "--policy", "none", "--epochs",
+                                      str(epochs_run), "--backend", "ddp", "--out", str(tmp_path), "--name", "c",
+                                      "--set", "run.threads=1", "--set", "dist.verify_every=2"])
+    assert result.exit_code == 0, result.output
+    kinds = [name for name, _ in calls]
+    assert kinds.count("broadcast_object_list") == epochs_run + 2
+    assert kinds.count("all_reduce") == 2 * epochs_run + 1
+    assert kinds.count("all_gather_object") == epochs_run // 2
+    epoch = ["broadcast_object_list", "all_reduce", "all_reduce"]
+    assert kinds[:7] == epoch + epoch + ["all_gather_object"]  # epochs 1 and 2, then the verification
+    measurements = calls[2][1]
+    assert measurements == calls[5][1]  # the same packed layout every epoch with the same slots
 
 
 # -- user errors ------------------------------------------------------------------------------

@@ -220,8 +220,9 @@ class DeciderMachine(RuleBasedStateMachine):
         assert state.envs.keys() == model.envs.keys()
         for env_id, me in model.envs.items():
             re = state.envs[env_id]
-            assert (re.episode, re.status, re.epoch, re.ticked, re.seed_counter) == (
-                me.episode, "running" if me.running else "finished", me.epoch, me.ticked, me.seed_counter)
+            assert (re.episode, re.status, re.epoch, re.ticked, re.seed_counter, re.max_epochs) == (
+                me.episode, "running" if me.running else "finished", me.epoch, me.ticked, me.seed_counter,
+                me.max_epochs)
             assert set(re.decisions) == me.decisions
             for slot in re.slots:
                 ms = me.slots[slot.slot_id]
@@ -454,6 +455,18 @@ class DeciderMachine(RuleBasedStateMachine):
     @rule()
     def policy_update(self):
         self.do(cmd.RecordPolicyUpdate(update=POLICY_UPDATE), self.model.run_scoped_record())
+
+    @rule(env=ENVS, more=st.sampled_from([1, 5, 0, -3]))
+    def extend_episode(self, env, more):
+        """A resume's extension: only growth of a running episode; shorter or equal is refused."""
+        current = self.env_state(env)
+        max_epochs = (current.max_epochs if current is not None else 30) + more
+        records = self.do(cmd.ExtendEpisode(env=env, max_epochs=max_epochs),
+                          self.model.extend_episode(env, max_epochs))
+        if records is not None:
+            assert [type(r.event) for r in records] == [ev.EpisodeExtended]
+            assert records[0].event.previous_max_epochs == current.max_epochs
+            assert self.env_state(env).max_epochs == max_epochs
 
     @precondition(lambda self: self.steps >= 20)  # earlier, it would mostly cut exploration short
     @rule(env=ENVS)

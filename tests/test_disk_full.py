@@ -107,7 +107,7 @@ def assert_readable(run_dir: Path) -> list:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[bytes]:
     out = tmp_path_factory.mktemp("reference")
-    mp, capture = pytest.MonkeyPatch(), None
+    mp = pytest.MonkeyPatch()
     try:
         mp.setattr(sys, "argv", ["esper", *ARGS, "--out", str(out), "--name", "whole"])
         with pytest.raises(SystemExit) as exit_:

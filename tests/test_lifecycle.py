@@ -16,7 +16,7 @@ from esper.lifecycle import commands as cmd
 from esper.lifecycle import stages
 from esper.events.envelope import SCHEMA_VERSION, Record
 from esper.lifecycle.errors import ReplayError
-from support import CATALOGUE, SLOTS, Ledger, epoch_metrics, probe, run_started
+from support import SLOTS, Ledger, epoch_metrics, probe, run_started
 
 SPEC_CODES = {
     "run_not_started", "run_already_started", "run_finished", "unknown_env", "episode_not_running",
@@ -736,6 +736,7 @@ COMMAND_EXAMPLES = [
         wall_time_s=0.0)),
     cmd.FinishEpisode(env=1),
     cmd.FinishRun(status="failed", final={"val_acc": 50.0, "test_acc": None}, error_type="X", error_message="boom"),
+    cmd.ExtendEpisode(env=1, max_epochs=45),
 ]
 
 

@@ -26,11 +26,11 @@ class Poisoned(TorchBackend):
         super().__init__(*args, **kwargs)
         self.poison = poison
 
-    def train_epoch(self, epoch, *args):
-        if epoch in self.poison:
+    def run_epoch(self, plan):
+        if plan.epoch in self.poison:
             with torch.no_grad():
                 self.model.host.head.weight.fill_(float("nan"))
-        return super().train_epoch(epoch, *args)
+        return super().run_epoch(plan)
 
 
 class Script:

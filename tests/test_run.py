@@ -38,8 +38,8 @@ def payloads(run_dir: Path) -> list[bytes]:
 def digits_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("runs")
     # 60 epochs: with the spec's settings the digits host keeps improving for ~30 epochs, and the
-    # heuristic only germinates on a plateau. Seed 6 shows a cull, a reset slot and a fossil.
-    code, stdout, stderr = run_cli("--task", "digits", "--epochs", "60", "--seed", "6", "--out", str(out),
+    # heuristic only germinates on a plateau. Seed 14 shows a cull, a reset slot and a fossil.
+    code, stdout, stderr = run_cli("--task", "digits", "--epochs", "60", "--seed", "14", "--out", str(out),
                                    "--name", "heuristic")
     assert code == 0, stderr
     return out / "heuristic", stdout

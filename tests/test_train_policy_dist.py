@@ -87,10 +87,10 @@ def assert_same_weights(one: Path, two: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_log_and_learn_what_one_does_and_resume_in_one(tmp_path):
+def test_two_processes_log_and_learn_what_one_does_and_resume_with_either(tmp_path):
     """W = 1 against `--nproc 2`: the same log within the batched forward's floats, bit-identical
-    weights; then both resume in one process for a fourth round (the distributed run's checkpoint
-    holds every env) and still agree."""
+    weights; then each resumes for a fourth round in one process and in two (a checkpoint holds
+    every env, whatever the world size that wrote it), and all four resumed trainings agree."""
     single = in_process(*TRAINING, "--out", str(tmp_path), "--name", "one")
     assert single.exit_code == 0, single.stderr
     double = esper(*TRAINING, "--out", str(tmp_path), "--name", "two", "--nproc", "2")
@@ -108,19 +108,27 @@ def test_two_processes_log_and_learn_what_one_does_and_resume_in_one(tmp_path):
     for name in ("one", "two"):
         resumed = in_process("--resume", str(tmp_path / name), "--rounds", "4", "--quiet")
         assert resumed.exit_code == 0, resumed.stderr
-    assert_same_log(records(tmp_path / "one.r1"), records(tmp_path / "two.r1"))
-    assert_same_weights(tmp_path / "one.r1", tmp_path / "two.r1")
+        resumed = esper("--resume", str(tmp_path / name), "--rounds", "4", "--quiet", "--nproc", "2")
+        assert resumed.returncode == 0, resumed.stderr
+    reference = records(tmp_path / "one.r1")
+    assert fold(reference).state.status == "completed" and reference[0].event.world_size == 1
+    for name in ("two.r1", "one.r2", "two.r2"):
+        log = records(tmp_path / name)
+        assert log[0].event.world_size == (2 if name.endswith("r2") else 1)
+        assert_same_log(reference, log)
+        assert_same_weights(tmp_path / "one.r1", tmp_path / name)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--dist", "off"], "--dist off refuses to train distributed, and torchrun started 2 processes"),
     (["--envs", "1"], "--envs 1 leaves a process without an env: env i runs on rank i mod 2"),
 ])
-def test_refusals_under_torchrun_are_one_line_on_each_rank(tmp_path, args, message):
+def test_refusals_under_torchrun_are_one_line_on_every_rank_that_reaches_them(tmp_path, args, message):
     result = torchrun(*TRAINING, "--out", str(tmp_path), *args)
     assert result.returncode != 0
     lines = esper_lines(result.stderr)
-    assert len(lines) == 2 and all(line.startswith("esper: error: ") and message in line for line in lines), \
+    # torchrun stops the other rank once one exits, which may be before it got as far.
+    assert 1 <= len(lines) <= 2 and all(line.startswith("esper: error: ") and message in line for line in lines), \
         result.stderr
     assert "Traceback" not in result.stderr.split("esper: error:")[0]  # nothing of the workers' own
     assert not any(tmp_path.iterdir())
@@ -129,7 +137,7 @@ def test_refusals_under_torchrun_are_one_line_on_each_rank(tmp_path, args, messa
 @pytest.mark.parametrize("args, message", [
     (["--nproc", "3"], "--envs 2 leaves a process without an env"),
     (["--nproc", "2", "--dist", "off"], "--dist off refuses"),
-    (["--nproc", "2", "--resume", "somewhere"], "--resume runs in one process"),
+    (["--nproc", "2", "--resume", "somewhere"], "holds no run log to resume"),
 ])
 def test_nproc_refusals_come_before_any_process_starts(tmp_path, args, message):
     result = in_process(*TRAINING, "--envs", "2", "--out", str(tmp_path), *args)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from esper.compute.backend import EpochPlan
 from esper.compute.governor import Governor
 from esper.compute.settings import GovernorSettings, TrainSettings
 from esper.compute.torch_backend import TorchBackend
@@ -34,8 +35,8 @@ def test_an_incubating_seed_leaves_the_host_exactly_as_without_it(digits):
     grown.germinate("mid", "conv_light", "linear", init_seed=3)
     grown.set_slot("mid", "incubate", 0.0, True, False)
     seed_before = [p.clone() for p in grown.model.slots["mid"].seed_parameters()]
-    a = plain.train_epoch(1, (), (), ())
-    b = grown.train_epoch(1, ("mid",), ("mid",), ("mid",))
+    a = plain.run_epoch(EpochPlan(1))[0]
+    b = grown.run_epoch(EpochPlan(1, ("mid",), ("mid",), ("mid",)))[0]
     assert a.loss == b.loss
     for (name, x), y in zip(host_state(plain).items(), host_state(grown).values()):
         assert torch.equal(x, y), name  # weights and BatchNorm running statistics
@@ -45,11 +46,40 @@ def test_an_incubating_seed_leaves_the_host_exactly_as_without_it(digits):
     assert stats.isolation_leaks == 0 and stats.grad_ratio is not None and stats.grad_ratio > 0 and stats.finite
 
 
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_an_epoch_reads_one_value_back_from_the_device(digits, monkeypatch, amp):
+    """On a GPU every read of a tensor's value waits for the device to finish, so a pass performs
+    one (runtime §3.2): a batch that must not step is skipped on the device. Counted here on CPU
+    with every measurement on: an incubating seed, a gated blend, gradient statistics, leak checks,
+    clipping, ablation, shadow and all-off validation; under fp16 the scaler's scale is read after."""
+    b = backend(digits, grad_clip=1.0, amp=amp)
+    b.germinate("mid", "conv_light", "linear", init_seed=3)
+    b.set_slot("mid", "incubate", 0.0, True, False)
+    b.germinate("late", "conv_light", "gated", init_seed=4)
+    b.set_slot("late", "blend", 0.3, True, False)
+    reads: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    plan = EpochPlan(1, ("mid", "late"), ("mid",), ("mid", "late"), ablate=("late",), shadow=("mid",), all_off=True)
+    train, val = b.run_epoch(plan)
+    monkeypatch.undo()
+    assert reads[0] == "tolist" and len(reads) == (1 if amp == "off" else 2), reads
+    assert train.seeds["mid"].grad_ratio > 0 and train.seeds["late"].isolation_leaks == 0
+    assert val.shadows["mid"].examples == val.ablations["late"].examples == val.main.examples
+    assert (train.amp_scale is None) == (amp == "off")
+
+
 def test_fused_and_sequential_counterfactuals_agree(digits):
     results = []
     for fused in (True, False):
         b = backend(digits, fused_counterfactuals=fused)
-        b.train_epoch(1, (), (), ())
+        b.run_epoch(EpochPlan(1))
         for slot, blueprint in (("early", "conv_light"), ("mid", "norm"), ("late", "attention")):
             b.germinate(slot, blueprint, "linear", init_seed=len(slot))
         for p in b.model.slots["early"].seed_parameters():
@@ -90,7 +120,7 @@ def test_one_optimizer_whose_groups_follow_the_seeds(digits):
     b.set_slot("mid", "fused", 1.0, False, True)
     mid = b.optimizer.param_groups[1]
     assert mid["weight_decay"] == digits.spec.host_optimizer.weight_decay
-    b.train_epoch(1, (), (), ())
+    b.run_epoch(EpochPlan(1))
     assert b.optimizer.state
     b.drop("late")
     b.germinate("early", "norm", "linear", init_seed=3)
@@ -102,13 +132,13 @@ def test_one_optimizer_whose_groups_follow_the_seeds(digits):
 
 def test_rollback_restores_the_snapshot_exactly(digits):
     b = backend(digits)
-    b.train_epoch(1, (), (), ())
+    b.run_epoch(EpochPlan(1))
     b.germinate("mid", "conv_light", "linear", init_seed=1)
     b.set_slot("mid", "fused", 1.0, False, True)
     snapshot = b.snapshot(1)
     b.germinate("late", "conv_light", "linear", init_seed=2)
     b.set_slot("late", "blend", 0.5, True, False)
-    b.train_epoch(2, ("late",), (), ())
+    b.run_epoch(EpochPlan(2, ("late",)))
     b.drop("late")
     b.restore(snapshot)
     assert all(torch.equal(v, snapshot["host"][k]) for k, v in b.model.host.state_dict().items())
@@ -121,8 +151,12 @@ def test_a_nan_loss_is_seen_by_the_governor(digits):
     b = backend(digits)
     with torch.no_grad():
         b.model.host.head.weight.fill_(float("nan"))
-    stats = b.train_epoch(1, (), (), ())
+    conv = b.model.host.blocks[0][0].weight.clone()
+    stats = b.run_epoch(EpochPlan(1))[0]
     assert stats.non_finite
+    assert torch.equal(b.model.host.blocks[0][0].weight, conv)  # every batch skipped its step
+    assert all(torch.equal(buf, torch.zeros_like(buf)) for buf in  # and left its momentum untouched
+               (b.optimizer.state[p]["momentum_buffer"] for p in b.model.host.parameters()))
     governor = Governor(GovernorSettings(), digits.spec.l_rand)
     panic = governor.check(stats.loss, float("nan"), stats.non_finite)
     assert panic is not None and panic.reason == "nan_loss"
@@ -132,12 +166,12 @@ def test_checkpoint_state_round_trips(digits):
     a = backend(digits)
     a.germinate("mid", "conv_light", "gated", init_seed=1)
     a.set_slot("mid", "blend", 0.3, True, False)
-    a.train_epoch(1, ("mid",), (), ())
+    a.run_epoch(EpochPlan(1, ("mid",)))
     state = a.state_dict()
     b = backend(digits)
     b.load_state_dict(state)
-    a.train_epoch(2, ("mid",), (), ())
-    b.train_epoch(2, ("mid",), (), ())
+    a.run_epoch(EpochPlan(2, ("mid",)))
+    b.run_epoch(EpochPlan(2, ("mid",)))
     for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), k
 

@@ -282,9 +282,8 @@ def test_resuming_a_log_with_no_batch_and_no_config(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--seed", "5"], ["config key 'run.seed' differs", "only --device may change"]),
-    (["--epochs", "2"], ["config key 'run.epochs' differs"]),
-    (["--epochs", "5"], ["config key 'run.epochs' differs"]),
+    (["--seed", "5"], ["config key 'run.seed' differs", "only --epochs and --device may change"]),
+    (["--epochs", "2"], ["--epochs 2 would shorten the run", "run.epochs = 4 recorded"]),
     (["--task", "digits"], ["config key 'run.task' differs"]),
     (["--max-seeds", "1"], ["config key 'lifecycle.max_seeds' differs"]),
     (["--amp", "bf16"], ["config key 'train.amp' differs"]),

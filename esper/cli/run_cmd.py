@@ -37,7 +37,8 @@ def _csv(value: str | None) -> list[str] | None:
 @click.option("--set", "assignments", multiple=True, help="KEY=VALUE config override (TOML literal).")
 @click.option("--out", type=click.Path(path_type=Path), help="Parent directory of the run (default: runs).")
 @click.option("--name", help="Run directory name (default: generated).")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Resume an interrupted run.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Resume an interrupted run (a larger --epochs extends it).")
 @click.option("--quiet", is_flag=True, help="No per-epoch progress.")
 @click.pass_context
 def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, device, backend, nproc, amp,

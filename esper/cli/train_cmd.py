@@ -11,11 +11,11 @@ from esper.cli.options import csv_list
 from esper.cli.run_failures import reported
 from esper.compute.launch import launch
 from esper.policy import run_config
-from esper.policy.dist_ranks import DIST_MODES, Group, Solo, check_envs, join, launched_world
+from esper.policy.dist_ranks import DIST_MODES, Group, Solo, check_envs, join
 from esper.policy.run_config import RunConfig
 from esper.policy.runner import create_run_dir, load_data
 from esper.policy.trainer import PolicyTrainer, RoundSummary
-from esper.policy.training_run import TrainingOutcome, execute_training, resume_training
+from esper.policy.training_run import TrainingOutcome, execute_training, resume_training, resumed_training_config
 from esper.tasks import TaskData
 
 # flag -> (section, key)
@@ -112,17 +112,11 @@ def train_policy(ctx, config_file, assignments, out, name, resume_dir, dist_mode
         if nproc is not None:
             sys.exit(_launch(ctx, nproc, dist_mode, resume_dir, layers))
         if resume_dir is not None:
-            if launched_world() > 1:
-                raise UserError(f"--resume runs in one process, and torchrun started {launched_world()} (resume "
-                                "without torchrun: the checkpoints of a distributed training hold every env)")
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
-            overrides: dict = {}
-            for given in layers:
-                overrides = run_config.merge(overrides, given)
-            trainer = resume_training(resume_dir, out, overrides)
-            if not quiet:
+            trainer = resume_training(resume_dir, out, _overrides(layers), dist_mode=dist_mode)
+            if not quiet and trainer.leader:
                 trainer.on_round, trainer.on_evaluation = _print_round(trainer.config.ppo.rounds), _print_evaluation
             outcome = execute_training(trainer, resume=True)
         else:
@@ -167,12 +161,20 @@ def _launch(ctx: click.Context, nproc: int, dist_mode: str, resume_dir: Path | N
     if dist_mode == "off":
         raise UserError("--nproc starts a distributed training, which --dist off refuses (drop one of them)")
     if resume_dir is not None:
-        raise UserError("--resume runs in one process (resume without --nproc: the checkpoints of a distributed "
-                        "training hold every env)")
-    config = run_config.resolve(*layers)
+        config = resumed_training_config(resume_dir, _overrides(layers))[1]
+    else:
+        config = run_config.resolve(*layers)
     check_envs(config.ppo.envs, nproc)
     load_data(config, check_policy=False)
     return launch(nproc, _worker_args(ctx), command="train-policy")
+
+
+def _overrides(layers: list[dict]) -> dict:
+    """One config layer of every option given: on resume each is checked against the recorded run."""
+    overrides: dict = {}
+    for given in layers:
+        overrides = run_config.merge(overrides, given)
+    return overrides
 
 
 def _worker_args(ctx: click.Context) -> list[str]:

@@ -70,6 +70,19 @@ class ValStats:
     recompiles: int | None = None
 
 
+@attrs.frozen
+class EpochPlan:
+    """What one epoch trains and measures, chosen by the engine from the folded state before it."""
+
+    epoch: int
+    ratio_slots: tuple[str, ...] = ()  # gradient ratio measured
+    incubating: tuple[str, ...] = ()  # TRAINING seeds, which learn from the incubation pass
+    leak_slots: tuple[str, ...] = ()  # isolation checked this epoch
+    ablate: tuple[str, ...] = ()  # validated again with alpha forced to 0
+    shadow: tuple[str, ...] = ()  # validated again with alpha forced to 1
+    all_off: bool = False
+
+
 class Backend(Protocol):
     def build(self) -> HostSummary: ...
 
@@ -79,10 +92,11 @@ class Backend(Protocol):
 
     def set_slot(self, slot: str, mode: str, alpha: float, isolated: bool, fossil: bool) -> None: ...
 
-    def train_epoch(self, epoch: int, ratio_slots: tuple[str, ...], incubating: tuple[str, ...],
-                    leak_slots: tuple[str, ...]) -> TrainStats: ...
+    def run_epoch(self, plan: EpochPlan) -> tuple[TrainStats, ValStats]:
+        """Train one epoch, then validate with the plan's counterfactuals."""
 
-    def validate(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> ValStats: ...
+    def validate(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> ValStats:
+        """Validation alone: after a rollback, of the restored model."""
 
     def test(self) -> Evaluation: ...
 
@@ -95,5 +109,7 @@ class Backend(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def extend(self, max_epochs: int) -> None: ...
 
     def param_counts(self) -> tuple[int, int]: ...

@@ -1,11 +1,11 @@
 """One rank's share of data-parallel training (runtime §5.3), used by the torch backend on every rank.
 
 Per epoch the collectives are fixed, whatever the lifecycle state: the wrapper's gradient all-reduce
-on each batch (plus one for incubation gradients while a seed incubates), one all-reduce at the end
-of the training pass carrying the running statistics and the training measurements, one at the end
-of validation carrying its totals, a wrapper rebuild when the trainable parameter set changed, and
-every `dist.verify_every` epochs an all-gather of parameter checksums. (Rank 0's broadcast that opens
-each pass is in `distributed`.)
+on each batch (plus one for incubation gradients while a seed incubates), one all-reduce averaging
+the running statistics between training and validation, one all-reduce of the epoch's measurements
+after validation, a wrapper rebuild when the trainable parameter set changed, and every
+`dist.verify_every` epochs an all-gather of parameter checksums. (Rank 0's broadcast that opens the
+epoch is in `distributed`.)
 """
 
 import gc
@@ -49,7 +49,6 @@ class DataParallel:
     def __init__(self, rank: int, world: int, verify_every: int):
         self.rank, self.world, self.verify_every = rank, world, verify_every
         self.wrapper: DistributedDataParallel | None = None
-        self.model: GrowingModel | None = None
         self.rebuilds = 0
         self._signature: tuple = ()
 
@@ -85,7 +84,6 @@ class DataParallel:
                 self.wrapper = DistributedDataParallel(model, forward_sync_buffers=False)
             self._signature = signature
             self.rebuilds += 1
-        self.model = model
         return self.wrapper
 
     def release(self) -> None:
@@ -93,7 +91,7 @@ class DataParallel:
         when it is the last holder the group's destructor waits on a gloo thread that waits for the
         interpreter lock the destructor's caller holds: a hang at exit. The wrapper sits in a
         reference cycle, hence the collection."""
-        self.wrapper = self.model = None
+        self.wrapper = None
         gc.collect()
 
     # -- reductions -----------------------------------------------------------------------------
@@ -110,17 +108,18 @@ class DataParallel:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def sum_training(self, packed: torch.Tensor) -> torch.Tensor:
-        """The pass's sums, and the running statistics averaged so every rank validates one model."""
-        stats = _running_statistics(self.model)
-        flat = torch.cat([packed] + [s.reshape(-1).double() for s in stats])
+    def average_running_statistics(self, model: nn.Module) -> None:
+        """After training, so every rank validates the same model."""
+        stats = _running_statistics(model)
+        if not stats:
+            return
+        flat = torch.cat([s.reshape(-1).double() for s in stats])
         with peer_failures(self.rank):
             dist.all_reduce(flat)
-        offset = packed.numel()
+        offset = 0
         for s in stats:
             s.copy_((flat[offset:offset + s.numel()] / self.world).view_as(s))
             offset += s.numel()
-        return flat[:packed.numel()]
 
     def sum(self, packed: torch.Tensor) -> torch.Tensor:
         with peer_failures(self.rank):

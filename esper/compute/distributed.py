@@ -1,8 +1,8 @@
 """The `ddp` backend (runtime §5.3): one env, data-parallel over W processes started by torchrun.
 
 Rank 0 runs the engine against a `Leader`: the torch backend, plus a record of every call that
-changes the model. A call that runs a pass (train, validate, test) first broadcasts that record and
-itself; the other ranks `follow`: they apply the same changes in the same order, then join the same
+changes the model. A call that runs passes (an epoch, validation after a rollback, the test) first
+broadcasts that record and itself, so an epoch opens with one broadcast; the other ranks `follow`: they apply the same changes in the same order, then join the same
 pass. They decide nothing, write nothing and evaluate no gate, so no decision waits on a collective.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from esper.compute.backend import Evaluation, HostSummary, SeedBuild, TrainStats, ValStats
+from esper.compute.backend import EpochPlan, Evaluation, HostSummary, SeedBuild, TrainStats, ValStats
 from esper.compute.data_parallel import DataParallel, peer_failures
 from esper.compute.errors import SetupError
 from esper.compute.settings import DistSettings, TrainSettings
@@ -134,9 +134,11 @@ class Leader(_Rank):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._change("load_state_dict", state)
 
-    def train_epoch(self, epoch: int, ratio_slots: tuple[str, ...], incubating: tuple[str, ...],
-                    leak_slots: tuple[str, ...]) -> TrainStats:
-        return self._pass("train_epoch", epoch, ratio_slots, incubating, leak_slots)
+    def extend(self, max_epochs: int) -> None:
+        self._change("extend", max_epochs)
+
+    def run_epoch(self, plan: EpochPlan) -> tuple[TrainStats, ValStats]:
+        return self._pass("run_epoch", plan)
 
     def validate(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> ValStats:
         return self._pass("validate", ablate, shadow, all_off)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import attrs
 
-from esper.compute.backend import Backend, TrainStats, ValStats
+from esper.compute.backend import Backend, EpochPlan, TrainStats, ValStats
 from esper.compute.governor import Governor
 from esper.compute.observation import (
     Controller,
@@ -194,8 +194,8 @@ class Engine:
                 and isolated(s.stage, self.state.topology, config.isolate_cnn_after_training,
                              config.isolate_transformer_after_training))
         incubating = tuple(s.slot_id for s in env_state.slots if s.stage == Stage.TRAINING)
-        train = self.backend.train_epoch(epoch, ratio_slots, incubating, leak_slots)
-        val = self._validate(env_state)
+        plan = EpochPlan(epoch, ratio_slots, incubating, leak_slots, *self._counterfactuals(env_state))
+        train, val = self.backend.run_epoch(plan)
         panic = self.governor.check(train.loss, val.main.loss, train.non_finite)
         if panic is not None:
             val = self._roll_back(env, epoch, panic)
@@ -233,14 +233,15 @@ class Engine:
                 self.execute(cmd.RejectAction(env=env, decision_epoch=decision.epoch, command=command,
                                               code=error.code, message=error.message), env)
 
-    def _validate(self, env_state: EnvState) -> ValStats:
+    def _counterfactuals(self, env_state: EnvState) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        """(ablated slots, shadowed slots, all off) for validation."""
         config = self.state.config
         ablate = tuple(
             s.slot_id for s in env_state.slots
             if s.stage in LIVE and s.seed.alpha > 0
             and (s.stage != Stage.FOSSILIZED or config.counterfactual_fossilized))
         shadow = tuple(s.slot_id for s in env_state.slots if s.stage == Stage.TRAINING)
-        return self.backend.validate(ablate, shadow, self.counterfactual_all_off and len(ablate) >= 2)
+        return ablate, shadow, self.counterfactual_all_off and len(ablate) >= 2
 
     def _roll_back(self, env: int, epoch: int, panic: Any) -> ValStats:
         if self.governor.rollbacks >= self.governor.settings.max_rollbacks:
@@ -254,7 +255,7 @@ class Engine:
         ), env)
         self.backend.restore(self.snapshot)
         self.governor.rolled_back()
-        return self._validate(self.state.envs[env])
+        return self.backend.validate(*self._counterfactuals(self.state.envs[env]))
 
     def _record_epoch(self, env: int, epoch: int, train: TrainStats, val: ValStats, seconds: float) -> None:
         host_params, seed_params = self.backend.param_counts()

@@ -1,4 +1,8 @@
-"""One optimizer per env (runtime §3.1): host groups first, then one group per seed, tagged by slot."""
+"""One optimizer per env (runtime §3.1): host groups first, then one group per seed, tagged by slot.
+
+It is torch's fused implementation, because only that one takes a skip flag on the device
+(`found_inf`): a batch that must not step is skipped without reading a value back to the host.
+"""
 
 import math
 
@@ -28,8 +32,28 @@ def build_optimizer(host: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimiz
     else:
         groups = [_group(params, spec, HOST, spec.weight_decay)]
     if spec.kind == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas or (0.9, 0.999), eps=1e-8)
+        return torch.optim.SGD(groups, lr=spec.lr, fused=True)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas or (0.9, 0.999), eps=1e-8, fused=True)
+
+
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers for parameters that have none yet. Fused SGD fills a missing buffer
+    only when the step runs, so a first step skipped on the device would leave it uninitialised;
+    with dampening 0, momentum·0 + g is exactly the first step's g, so results do not change."""
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def load_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A checkpoint's optimizer state; the groups stay fused whatever the checkpoint recorded."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
 
 
 def add_seed_group(optimizer: torch.optim.Optimizer, slot: str, params: list[nn.Parameter],

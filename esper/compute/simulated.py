@@ -69,7 +69,7 @@ from typing import Any
 
 import attrs
 
-from esper.compute.backend import Evaluation, HostSummary, SeedBuild, SeedGradients, TrainStats, ValStats
+from esper.compute.backend import EpochPlan, Evaluation, HostSummary, SeedBuild, SeedGradients, TrainStats, ValStats
 from esper.compute.blueprints import get_blueprint
 from esper.compute.optimizer import schedule_factor
 from esper.compute.settings import SimulatedSettings, TrainSettings
@@ -283,6 +283,10 @@ class SimulatedBackend:
 
     # -- epochs ---------------------------------------------------------------------------------
 
+    def run_epoch(self, plan: EpochPlan) -> tuple[TrainStats, ValStats]:
+        train = self.train_epoch(plan.epoch, plan.ratio_slots, plan.incubating, plan.leak_slots)
+        return train, self.validate(plan.ablate, plan.shadow, plan.all_off)
+
     def train_epoch(self, epoch: int, ratio_slots: tuple[str, ...], incubating: tuple[str, ...],
                     leak_slots: tuple[str, ...]) -> TrainStats:
         started = time.perf_counter()
@@ -383,6 +387,11 @@ class SimulatedBackend:
             seed = SimSeed(**seed_state)
             self.sim[slot] = seed
             self.seeds[slot] = (seed.blueprint, seed.blend)
+
+    def extend(self, max_epochs: int) -> None:
+        """The episode now lasts `max_epochs`: the lr schedule stretches over the new total from the
+        current step, as TorchBackend's does."""
+        self.max_epochs, self.total_steps = max_epochs, max_epochs * self.batches
 
     def close(self) -> None:
         """Nothing to release."""

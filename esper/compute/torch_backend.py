@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from esper.compute import optimizer as opt
-from esper.compute.backend import Evaluation, HostSummary, SeedBuild, TrainStats, ValStats
+from esper.compute.backend import EpochPlan, Evaluation, HostSummary, SeedBuild, TrainStats, ValStats
 from esper.compute.blueprints import get_blueprint
 from esper.compute.compiling import Compiler, compiled_pass
 from esper.compute.data_parallel import DataParallel
@@ -22,6 +22,7 @@ from esper.compute.precision import make_scaler
 from esper.compute.settings import TrainSettings
 from esper.compute.slot import GrowingModel
 from esper.compute.streams import DATA, HOST_INIT, PROBE, generator
+from esper.compute.sums import Pending, settle
 from esper.compute.training import train_pass
 from esper.compute.validation import Configuration, evaluate
 from esper.lifecycle.config import LifecycleConfig
@@ -146,10 +147,20 @@ class TorchBackend:
 
     # -- epochs ---------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, ratio_slots: tuple[str, ...], incubating: tuple[str, ...],
-                    leak_slots: tuple[str, ...]) -> TrainStats:
+    def run_epoch(self, plan: EpochPlan) -> tuple[TrainStats, ValStats]:
+        """Train, then validate. Under ddp the running statistics are averaged between the two
+        passes, and every measurement of the epoch is reduced in one all-reduce after validation."""
+        training = self._train(plan)
+        if self.parallel is not None:
+            self.parallel.average_running_statistics(self.model)
+        train, val = settle([training, self._validation(plan.ablate, plan.shadow, plan.all_off)], self.parallel)
+        if self.parallel is not None:
+            self.parallel.verify(self.model, plan.epoch)
+        return train, val
+
+    def _train(self, plan: EpochPlan) -> Pending:
         train = self.train
-        batches = train_batches(self.data, generator(self.episode_seed, DATA, epoch), self.device)
+        batches = train_batches(self.data, generator(self.episode_seed, DATA, plan.epoch), self.device)
         net, parallel = None, self.parallel
         if parallel is not None:
             batches, net = parallel.shard_train(batches), parallel.wrap(self.model)
@@ -161,16 +172,20 @@ class TorchBackend:
             self.step += 1
 
         with self._compiling():
-            stats = train_pass(
+            pending = train_pass(
                 self.model, self.optimizer, batches, device=self.device, amp=train.amp, scaler=self.scaler,
-                ratio_slots=ratio_slots, incubating=incubating, leak_slots=leak_slots,
+                ratio_slots=plan.ratio_slots, incubating=plan.incubating, leak_slots=plan.leak_slots,
                 stride=self.lifecycle.grad_stats_stride, eps=self.lifecycle.gradient_ratio_eps,
                 grad_clip=train.grad_clip, before_step=before_step, score=self._score, net=net, collective=parallel,
             )
-        if parallel is not None:
-            parallel.verify(self.model, epoch)
-        scale = self.scaler.get_scale() if self.scaler is not None else None
-        return attrs.evolve(stats, amp_scale=scale, recompiles=self._new_graphs())
+        graphs = self._new_graphs()
+
+        def finish(values: list[float], world: int) -> TrainStats:
+            # Read once the epoch is settled: reading it earlier would wait for the device.
+            scale = self.scaler.get_scale() if self.scaler is not None else None
+            return attrs.evolve(pending.finish(values, world), amp_scale=scale, recompiles=graphs)
+
+        return Pending(pending.sums, finish)
 
     def _new_graphs(self) -> int | None:
         """Graphs compiled since the last pass reported them: a recompiling model shows here."""
@@ -182,31 +197,39 @@ class TorchBackend:
     def _compiling(self):
         return compiled_pass() if self.compiler is not None else nullcontext()
 
-    def _evaluate(self, split: str, configs: list[Configuration], fused: bool):
+    def _evaluate(self, split: str, configs: list[Configuration], fused: bool) -> Pending:
         batches = eval_batches(self.data, split, self.device)
-        reduce = None
         if self.parallel is not None:
-            batches, reduce = self.parallel.shard_eval(batches), self.parallel.sum
+            batches = self.parallel.shard_eval(batches)
         with self._compiling():
             return evaluate(self.model, batches, configs, device=self.device, amp=self.train.amp, fused=fused,
-                            score=self._score, reduce=reduce)
+                            score=self._score)
 
     def validate(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> ValStats:
+        return settle([self._validation(ablate, shadow, all_off)], self.parallel)[0]
+
+    def _validation(self, ablate: tuple[str, ...], shadow: tuple[str, ...], all_off: bool) -> Pending:
         configs = [Configuration("main", ())]
         configs += [Configuration(f"ablate:{s}", ((s, 0.0),)) for s in ablate]
         configs += [Configuration(f"shadow:{s}", ((s, 1.0),)) for s in shadow]
         active = tuple(s for s, slot in self.model.slots.items() if slot.mode != "inert")
         if all_off:
             configs.append(Configuration("all_off", tuple((s, 0.0) for s in active)))
-        results, passes, seconds = self._evaluate("val", configs, self.train.fused_counterfactuals)
-        main_only = seconds / max(1, len(configs))
-        return ValStats(
-            main=self._text_only(results["main"]),
-            ablations={s: results[f"ablate:{s}"] for s in ablate},
-            shadows={s: results[f"shadow:{s}"] for s in shadow},
-            all_off=results.get("all_off"), forward_passes=passes, seconds=main_only,
-            counterfactual_seconds=seconds - main_only, recompiles=self._new_graphs(),
-        )
+        pending = self._evaluate("val", configs, self.train.fused_counterfactuals)
+        graphs = self._new_graphs()
+
+        def finish(values: list[float], world: int) -> ValStats:
+            results, passes, seconds = pending.finish(values, world)
+            main_only = seconds / max(1, len(configs))
+            return ValStats(
+                main=self._text_only(results["main"]),
+                ablations={s: results[f"ablate:{s}"] for s in ablate},
+                shadows={s: results[f"shadow:{s}"] for s in shadow},
+                all_off=results.get("all_off"), forward_passes=passes, seconds=main_only,
+                counterfactual_seconds=seconds - main_only, recompiles=graphs,
+            )
+
+        return Pending(pending.sums, finish)
 
     def _text_only(self, evaluation: Evaluation) -> Evaluation:
         if self.task.spec.topology == "transformer":
@@ -214,7 +237,7 @@ class TorchBackend:
         return Evaluation(loss=evaluation.loss, score=evaluation.score, examples=evaluation.examples)
 
     def test(self) -> Evaluation:
-        results, _, _ = self._evaluate("test", [Configuration("main", ())], False)
+        results, _, _ = settle([self._evaluate("test", [Configuration("main", ())], False)], self.parallel)[0]
         return self._text_only(results["main"])
 
     # -- governor -------------------------------------------------------------------------------
@@ -264,10 +287,17 @@ class TorchBackend:
         if opt.slot_groups(self.optimizer) != order:
             raise ValueError(f"checkpoint parameter groups {order} do not match {opt.slot_groups(self.optimizer)}")
         self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        opt.load_state(self.optimizer, state["optimizer"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.total_steps = state["step"], state["total_steps"]
+
+    def extend(self, max_epochs: int) -> None:
+        """The episode now lasts `max_epochs` (a resume that extends it). The lr schedule reads
+        (step, total_steps) afresh at each step, so the cosine stretches over the new total from the
+        current step: the lr continues on the longer curve (higher than the old one had reached at
+        this step) and reaches the floor at the new last epoch."""
+        self.total_steps = max_epochs * self._batches_per_epoch()
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

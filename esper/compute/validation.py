@@ -4,7 +4,8 @@ Each configuration is the model with some slots' alphas overridden: `main` (none
 blended slot (alpha 0), one shadow per TRAINING slot (alpha 1) and `all_off`. Fused execution runs
 them as one forward over the batch replicated once per configuration, with per-sample alpha vectors;
 sequential execution runs them one after another. Both give the same numbers (tested). Under data
-parallelism each rank evaluates its share of the batches and the sums are reduced in one collective.
+parallelism each rank evaluates its share of the batches; the sums come back `Pending`, to be
+reduced with the rest of the epoch's.
 """
 
 import time
@@ -16,6 +17,7 @@ import torch
 from esper.compute.backend import Evaluation
 from esper.compute.slot import GrowingModel
 from esper.compute.precision import autocast
+from esper.compute.sums import Pending, synchronize
 from esper.compute.training import loss_and_correct
 
 
@@ -34,11 +36,9 @@ def evaluate(
     amp: str,
     fused: bool,
     score: Callable[[float, float], float],
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[dict[str, Evaluation], int, float]:
-    """Every configuration over the same batches; returns evaluations, forward passes, seconds.
-
-    `reduce` sums a tensor across data-parallel ranks (None: one process)."""
+) -> Pending:
+    """Every configuration over the same batches; finishes into (evaluations by configuration name,
+    forward passes, seconds)."""
     started = time.perf_counter()
     model.eval()
     k = len(configurations)
@@ -78,13 +78,16 @@ def evaluate(
                     passes += 1
             count += n
     packed = torch.cat([loss, correct, torch.tensor([float(count), float(passes)], device=device)]).double()
-    if reduce is not None:
-        packed = reduce(packed)
-    values = packed.tolist()
-    losses, corrects, count, passes = values[:k], values[k:2 * k], int(values[2 * k]), int(values[2 * k + 1])
-    results = {
-        config.name: Evaluation(loss=losses[i] / count, score=score(losses[i] / count, corrects[i] / count),
-                                examples=count, next_token_acc=100.0 * corrects[i] / count)
-        for i, config in enumerate(configurations)
-    }
-    return results, passes, time.perf_counter() - started
+    synchronize(device)
+    seconds = time.perf_counter() - started
+
+    def finish(values: list[float], world: int) -> tuple[dict[str, Evaluation], int, float]:
+        losses, corrects, total = values[:k], values[k:2 * k], int(values[2 * k])
+        results = {
+            config.name: Evaluation(loss=losses[i] / total, score=score(losses[i] / total, corrects[i] / total),
+                                    examples=total, next_token_acc=100.0 * corrects[i] / total)
+            for i, config in enumerate(configurations)
+        }
+        return results, int(values[2 * k + 1]), seconds
+
+    return Pending(packed, finish)

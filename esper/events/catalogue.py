@@ -180,6 +180,14 @@ class EpisodeStarted(Event, tag="EpisodeStarted", kw_only=True):
     evaluation: bool
 
 
+# A running episode's length grows (`esper run --resume --epochs E'`): its EpisodeStarted lies in
+# the copied prefix and is never rewritten, so the new length is a fact of its own.
+class EpisodeExtended(Event, tag="EpisodeExtended", kw_only=True):
+    epoch: int
+    max_epochs: int
+    previous_max_epochs: int
+
+
 class EpochCompleted(Event, tag="EpochCompleted", kw_only=True):
     VOLATILE = frozenset(
         {
@@ -385,6 +393,7 @@ AnyEvent = (
     | PolicyUpdated
     | RunFinished
     | EpisodeStarted
+    | EpisodeExtended
     | EpochCompleted
     | PolicyDecided
     | ActionRejected

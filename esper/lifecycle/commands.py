@@ -65,6 +65,13 @@ class StartEpisode(Command, tag="StartEpisode", kw_only=True):
     evaluation: bool = False
 
 
+class ExtendEpisode(Command, tag="ExtendEpisode", kw_only=True):
+    """Lengthen the env's running episode to `max_epochs` (a resume with a larger `--epochs`)."""
+
+    env: int = 0
+    max_epochs: int
+
+
 class Germinate(Command, tag="Germinate", kw_only=True):
     env: int = 0
     slot: str
@@ -169,6 +176,7 @@ class FinishRun(Command, tag="FinishRun", kw_only=True):
 AnyCommand = (
     StartRun
     | StartEpisode
+    | ExtendEpisode
     | Germinate
     | Advance
     | Fossilize

@@ -169,6 +169,15 @@ def _start_episode(c: cmd.StartEpisode, state: RunState) -> list[Event]:
     )]
 
 
+def _extend_episode(c: cmd.ExtendEpisode, state: RunState) -> list[Event]:
+    env = _env(state, c.env)
+    if c.max_epochs <= env.max_epochs:
+        # Only growth: a shorter episode could already be past its end, and an equal one is no change.
+        raise DomainError("invalid_extension", f"env {c.env}'s episode has {env.max_epochs} epochs; "
+                          f"{c.max_epochs} does not extend it")
+    return [ev.EpisodeExtended(epoch=env.epoch, max_epochs=c.max_epochs, previous_max_epochs=env.max_epochs)]
+
+
 def _finish_episode(c: cmd.FinishEpisode, state: RunState) -> list[Event]:
     env = _env(state, c.env)
     finished = attrs.evolve(env, status="finished")  # what evolve makes of the event below
@@ -424,6 +433,7 @@ def _record_policy_update(c: cmd.RecordPolicyUpdate, state: RunState) -> list[Ev
 _HANDLERS: dict[type, Callable[[Any, RunState], list[Event]]] = {
     cmd.StartRun: _start_run,
     cmd.StartEpisode: _start_episode,
+    cmd.ExtendEpisode: _extend_episode,
     cmd.Germinate: _germinate,
     cmd.Advance: _advance_command,
     cmd.Fossilize: _fossilize,

@@ -205,6 +205,13 @@ def _ticked(env: EnvState, event: ev.EpochTicked) -> EnvState:
     return _replace(env, ticked=True)
 
 
+def _episode_extended(env: EnvState, event: ev.EpisodeExtended) -> EnvState:
+    if event.previous_max_epochs != env.max_epochs or event.max_epochs <= env.max_epochs:
+        raise _Invalid(f"an extension from {event.previous_max_epochs} to {event.max_epochs} epochs "
+                       f"of an episode of {env.max_epochs}")
+    return _replace(env, max_epochs=event.max_epochs)
+
+
 def _episode_finished(env: EnvState, event: ev.EpisodeFinished) -> EnvState:
     return _replace(env, status="finished")
 
@@ -228,5 +235,6 @@ _ENV_HANDLERS: dict[type, Callable[[EnvState, Any], EnvState]] = {
     ev.RewardComputed: _reward,
     ev.GovernorRolledBack: _rolled_back,
     ev.EpochTicked: _ticked,
+    ev.EpisodeExtended: _episode_extended,
     ev.EpisodeFinished: _episode_finished,
 }

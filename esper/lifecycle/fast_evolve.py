@@ -209,6 +209,13 @@ def _ticked(run: ThawedRun, env: ThawedEnv, event: ev.EpochTicked) -> bool:
     return True
 
 
+def _episode_extended(run: ThawedRun, env: ThawedEnv, event: ev.EpisodeExtended) -> bool:
+    if event.previous_max_epochs != env.max_epochs or event.max_epochs <= env.max_epochs:
+        return False
+    env.max_epochs = event.max_epochs
+    return True
+
+
 def _episode_finished(run: ThawedRun, env: ThawedEnv, event: ev.EpisodeFinished) -> bool:
     env.status = "finished"
     run.episodes_completed += 1
@@ -230,5 +237,6 @@ _ENV_HANDLERS: dict[type, Callable[[ThawedRun, ThawedEnv, Any], bool]] = {
     ev.RewardComputed: _reward,
     ev.GovernorRolledBack: _rolled_back,
     ev.EpochTicked: _ticked,
+    ev.EpisodeExtended: _episode_extended,
     ev.EpisodeFinished: _episode_finished,
 }

@@ -233,5 +233,6 @@ _HANDLERS = {
     ev.ActionRejected: FastProjector._counter("rejections"),
     ev.GovernorRolledBack: FastProjector._counter("rollbacks"),
     ev.CheckpointWritten: FastProjector._counter("checkpoints"),
+    ev.EpisodeExtended: FastProjector._counter("episodes_extended"),
     ev.PolicyUpdated: FastProjector._counter("ppo_updates"),
 }

@@ -275,5 +275,6 @@ _HANDLERS = {
     ev.ActionRejected: Projector._count("rejections"),
     ev.GovernorRolledBack: Projector._count("rollbacks"),
     ev.CheckpointWritten: Projector._count("checkpoints"),
+    ev.EpisodeExtended: Projector._count("episodes_extended"),
     ev.PolicyUpdated: Projector._count("ppo_updates"),
 }

@@ -65,7 +65,7 @@ class ActionTable:
 def valid_actions(observation: Observation, blend_kinds: tuple[str, ...] = BLEND_KINDS) -> ActionTable:
     """The table of policy §3 for the observed state. `blend_kinds` is `ppo.blend_kinds` (every
     enabled schedule is valid); the observation does not carry it, so callers pass it."""
-    config, epoch = observation.lifecycle, observation.epoch
+    config = observation.lifecycle
     state = observation.state
     enabled = tuple(s for s in state.slots if s.enabled)
     live = sum(1 for s in state.slots if s.stage in LIVE)  # fossils included

@@ -260,6 +260,10 @@ class Interrupt:
 def configure_torch(config: RunConfig, device: torch.device) -> int:
     threads = config.run.threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    if config.run.deterministic and device.type == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, chosen before its first use; without
+        # it deterministic mode refuses every matrix multiply on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(config.run.deterministic)
     torch.manual_seed(config.run.seed)  # a guard: every real draw comes from a named stream
     return threads
@@ -416,9 +420,11 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
     """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4).
 
     `overrides` is a config layer (sections of keys, as `--config`, the flags and `--set` give):
-    only `run.device` may differ from the recorded configuration."""
+    only `run.device` may differ from the recorded configuration, and `run.epochs` may grow. A
+    larger `run.epochs` extends the episode the checkpoint left running (EpisodeExtended, before its
+    next epoch); with no usable checkpoint the run starts again with the new length."""
     records, recorded = read_parent(parent, "run")
-    config = resumed_config(recorded, overrides)
+    config = resumed_config(recorded, overrides, extend=("run.epochs", "--epochs"))
     cut, checkpoint = _usable_checkpoint(parent, records)
     run_dir = sibling_dir(parent, out)
     run = Run(config, run_dir, load_data(config), on_epoch)
@@ -446,8 +452,18 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
         finally:
             run.writer.close()
         raise failure from None
+    env = engine.state.envs.get(0)
+    if env is not None and env.status == "running" and config.run.epochs > env.max_epochs:
+        extend_episode(run, config.run.epochs)  # a larger --epochs: before the next epoch
     run.writer.commit()
     return run
+
+
+def extend_episode(run: Run, max_epochs: int) -> None:
+    """Lengthen env 0's running episode: the log records the new length first, then the backend's
+    lr schedule stretches to it (the caller resets the controller with it, or has)."""
+    run.engine.execute(cmd.ExtendEpisode(env=0, max_epochs=max_epochs), env=0)
+    run.backend.extend(max_epochs)
 
 
 def read_parent(parent: Path, what: str) -> tuple[list, RunConfig]:
@@ -481,10 +497,9 @@ def recorded_config(parent: Path) -> RunConfig:
 
 def resumed_config(recorded: RunConfig, overrides: dict[str, Any],
                    extend: tuple[str, str] | None = None) -> RunConfig:
-    """Only `run.device` and the `extend` key (extend only: `ppo.rounds` for a training) may change
-    on resume; any other key that differs from the recorded configuration is an error naming it (no
-    option is ignored). A run's `--epochs` cannot grow yet: the episode's length is recorded in its
-    EpisodeStarted, inside the copied prefix, and no event extends it."""
+    """Only `run.device` and the `extend` key (extend only: `run.epochs` for a run, `ppo.rounds`
+    for a training) may change on resume; any other key that differs from the recorded
+    configuration is an error naming it (no option is ignored)."""
     key_extended, flag = extend or (None, None)
     allowed = f"only {flag} and --device may change" if flag else "only --device may change"
     config = structure(merge(unstructure(recorded), overrides))
@@ -495,7 +510,8 @@ def resumed_config(recorded: RunConfig, overrides: dict[str, Any],
         if key == key_extended and value > before[key]:
             continue
         if key == key_extended:
-            raise RunError(f"{flag} {value} would shorten the run ({before[key]}); resume can only extend it")
+            raise RunError(f"{flag} {value} would shorten the run ({key} = {before[key]} recorded); resume can "
+                           "only extend it")
         raise RunError(f"config key '{key}' differs from the run being resumed ({before.get(key)!r} recorded, "
                        f"{value!r} given; {allowed})")
     return config
@@ -557,4 +573,5 @@ def _copy_prefix(run: Run, records: list) -> None:
         run.engine.controller.reset(0, run.engine.state.envs[0].episode, run.config.run.epochs)
 
 
-__all__ = ["ConfigError", "Run", "RunError", "RunOutcome", "create_run_dir", "execute", "load_data", "resume"]
+__all__ = ["ConfigError", "Run", "RunError", "RunOutcome", "create_run_dir", "execute", "extend_episode", "load_data",
+           "resume"]

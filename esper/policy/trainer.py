@@ -208,7 +208,21 @@ class PolicyTrainer:
             for record in records:
                 self.others = evolve(self.others, record)
 
-    def _publish(self) -> None:
+    def fold_copied(self, records: list) -> None:
+        """One batch of the prefix a resumed log copies: each engine folds its env's and every
+        run-scoped batch, rank 0's `others` the other ranks' envs."""
+        env = records[0].env
+        if env is None:
+            self._absorb_run_scoped(records)
+        elif env in self.envs:
+            engine = self.envs[env].engine
+            before = engine.state
+            for record in records:
+                engine.absorb(record, before)
+        else:
+            self._fold_others(records)
+
+    def publish(self) -> None:
         """After the start and after each update, with several ranks: rank 0's run-scoped batches
         and policy reach every rank, which folds and loads them before it steps again."""
         if self.ranks.world == 1:
@@ -237,7 +251,7 @@ class PolicyTrainer:
         if self.leader:
             self.run_scoped(cmd.StartRun(run=self.header()))
             self.writer.commit()
-        self._publish()
+        self.publish()
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -357,7 +371,7 @@ class PolicyTrainer:
             env.decisions = 0
         if shares is not None:
             self._update(shares, planned, due)
-        self._publish()
+        self.publish()
 
     def _update(self, shares: list[RoundShare], planned: int, due: bool) -> None:
         """Rank 0: the update, its record, the policy file and, when due, the run checkpoint."""
@@ -454,9 +468,11 @@ class PolicyTrainer:
         self.run_scoped(cmd.RecordCheckpoint(path=path, sha256=sha, size=size, covers_seq=covers, kind="full"))
 
     def restore(self, state: dict) -> None:
-        """Continue from a round-boundary checkpoint, after the log prefix it covers was folded
-        (one process)."""
+        """Continue from a round-boundary checkpoint, after the log prefix it covers was folded;
+        this rank restores its own envs."""
         for i, saved in enumerate(state["envs"]):
+            if i not in self.envs:
+                continue
             env = self.envs[i]
             # The episode seed is the build's, not the state's: seed-module init derives from it.
             episode = env.engine.state.envs[i].episode

@@ -3,9 +3,9 @@
 Resume (runtime §6.4, policy §8) is a fork at the newest round-boundary checkpoint whose per-env
 digests match the folded log: the parent's records through its `CheckpointWritten` are copied into
 a sibling directory, every engine folds them, the checkpoint restores what the log cannot hold,
-and training continues with the second half of the step the round ended in. Resume runs in one
-process; a run trained under torchrun resumes there too, since rank 0 gathers every env's part of
-each checkpoint.
+and training continues with the second half of the step the round ended in. Under torchrun every
+rank reads the parent log and the checkpoint itself and takes its own envs' parts, with any world
+size: rank 0 gathers every env's part into each checkpoint, whatever the world size that wrote it.
 """
 
 from pathlib import Path
@@ -19,6 +19,7 @@ from esper.events import catalogue as ev
 from esper.lifecycle import commands as cmd
 from esper.lifecycle.decide import state_digest
 from esper.lifecycle.fold import fold
+from esper.policy.dist_ranks import join
 from esper.policy.run_config import RunConfig
 from esper.policy.runner import (
     RunError,
@@ -53,32 +54,46 @@ def execute_training(trainer: PolicyTrainer, resume: bool = False) -> TrainingOu
 
 
 def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
-                    on_round: Callable[[RoundSummary], None] | None = None) -> PolicyTrainer:
-    """Only `--rounds` (extend only), `--device` and verbosity may differ from the recorded run."""
-    records, recorded = read_parent(parent, "training")
-    config = resumed_config(recorded, overrides, extend=("ppo.rounds", "--rounds"))
+                    on_round: Callable[[RoundSummary], None] | None = None, dist_mode: str = "auto") -> PolicyTrainer:
+    records, config = resumed_training_config(parent, overrides)
     cut, checkpoint = _usable_checkpoint(parent, records, config)
-    trainer = PolicyTrainer(config, sibling_dir(parent, out), load_data(config, check_policy=False), on_round)
-    trainer.run_scoped(cmd.StartRun(run=trainer.header(fork_origin(parent, records, cut))))
-    if checkpoint is None:  # nothing usable: train again from the beginning, same configuration
-        trainer.writer.commit()
-        return trainer
-    for i, env in trainer.envs.items():  # observations folded from the prefix need a built host
-        env.engine.backend.build(episode_seed(config.run.seed, i, 0), trainer.episode_length)
-    _copy_prefix(trainer, records[1:cut + 1])
+    data = load_data(config, check_policy=False)
+    ranks = join(dist_mode, config.ppo.envs, config.dist)
     try:
-        trainer.restore(checkpoint)
-    except Exception as error:
-        problem = " ".join(str(error).split())[:300] or type(error).__name__
-        failure = RunError(f"checkpoint '{parent / records[cut].event.path}' does not match the run's "
-                           f"configuration: {problem} (it was not written by this run)")
+        trainer = PolicyTrainer(config, sibling_dir(parent, out) if ranks.rank == 0 else None, data, on_round,
+                                ranks=ranks)
+    except BaseException:
+        ranks.close()
+        raise
+    if trainer.leader:
+        trainer.run_scoped(cmd.StartRun(run=trainer.header(fork_origin(parent, records, cut))))
+    trainer.publish()
+    if checkpoint is not None:
+        for i, env in trainer.envs.items():  # observations folded from the prefix need a built host
+            env.engine.backend.build(episode_seed(config.run.seed, i, 0), trainer.episode_length)
+        _copy_prefix(trainer, records[1:cut + 1])
         try:
-            trainer.finish("failed", failure)
-        finally:
-            trainer.close()
-        raise failure from None
-    trainer.writer.commit()
+            trainer.restore(checkpoint)
+        except Exception as error:
+            problem = " ".join(str(error).split())[:300] or type(error).__name__
+            failure = RunError(f"checkpoint '{parent / records[cut].event.path}' does not match the run's "
+                               f"configuration: {problem} (it was not written by this run)")
+            try:
+                trainer.finish("failed", failure)
+            finally:
+                trainer.close()
+            raise failure from None
+    # With no usable checkpoint the training starts again from the beginning, same configuration.
+    if trainer.leader:
+        trainer.writer.commit()
     return trainer
+
+
+def resumed_training_config(parent: Path, overrides: dict[str, Any]) -> tuple[list, RunConfig]:
+    """The parent's records, and its configuration: only `--rounds` (extend only), `--device` and
+    verbosity may differ from the recorded one."""
+    records, recorded = read_parent(parent, "training")
+    return records, resumed_config(recorded, overrides, extend=("ppo.rounds", "--rounds"))
 
 
 def _usable_checkpoint(parent: Path, records: list, config: RunConfig) -> tuple[int, dict | None]:
@@ -101,18 +116,14 @@ def _usable_checkpoint(parent: Path, records: list, config: RunConfig) -> tuple[
 
 
 def _copy_prefix(trainer: PolicyTrainer, records: list) -> None:
-    """Re-append the parent's batches under the new run id; each engine folds its env's and every
-    run-scoped record."""
+    """Rank 0 re-appends the parent's batches under the new run id; every rank folds them."""
     batch: list = []
     for record in records:
         batch.append(record)
         if not record.batch_end:
             continue
-        env = batch[0].env
-        stamped = trainer.writer.append_batch(trainer.run_id, env, batch[0].episode, [r.event for r in batch])
-        engines = [e.engine for e in trainer.envs.values()] if env is None else [trainer.envs[env].engine]
-        for engine in engines:
-            before = engine.state
-            for new in stamped:
-                engine.absorb(new, before)
+        if trainer.leader:
+            batch = trainer.writer.append_batch(trainer.run_id, batch[0].env, batch[0].episode,
+                                                [r.event for r in batch])
+        trainer.fold_copied(batch)
         batch = []

@@ -202,15 +202,21 @@ def _fork(loaded: Loaded, seq: int, point: QuiescentPoint, run: Any, controller:
         checkpoint_seq = None
         first = 1
         if seq > 0:
+            # The episode's recorded length: a resume that extended it recorded config.run.epochs
+            # in its RunStarted, and the extension itself (re-issued below) further on.
+            length = _started_length(parent, run.config.run.epochs)
+            if length != run.config.run.epochs:
+                run.backend.build(run.backend.episode_seed, length)  # the same host, the parent's schedule
             host_params, _ = run.backend.param_counts()
-            engine.start_episode(0, run.backend.episode_seed, run.config.run.epochs, run.config.run.slots,
-                                 host_params)
+            engine.start_episode(0, run.backend.episode_seed, length, run.config.run.slots, host_params)
             run.writer.commit()
     target = point.epoch if point.env is not None else _epoch_at(parent, seq)
     for epoch in range(first, target + 1):
+        _extend_as_parent(run, parent, seq)
         engine.step(0, epoch)
         if run.config.run.checkpoint_every:
             prune(run.run_dir, run.config.run.keep_checkpoints)
+    _extend_as_parent(run, parent, seq)
     if run.writer.next_seq <= seq:
         raise ForkRefused(f"the fork reproduced only {run.writer.next_seq} records, short of seq {seq}")
     reproduced = seq - copied
@@ -241,6 +247,23 @@ def _fork(loaded: Loaded, seq: int, point: QuiescentPoint, run: Any, controller:
                        policy=run.config.run.policy, checkpoint_seq=checkpoint_seq, reproduced=reproduced,
                        copied=copied, status=status, epochs=engine.state.envs[0].epoch,
                        records=run.writer.next_seq)
+
+
+def _extend_as_parent(run: Any, parent: Sequence[Record], seq: int) -> None:
+    """Where the parent's next record (up to SEQ) extends its episode (a resume with a larger
+    `--epochs`), the fork extends its own the same way."""
+    from esper.policy.runner import extend_episode
+
+    following = run.writer.next_seq
+    if following <= seq and isinstance(parent[following].event, ev.EpisodeExtended):
+        extend_episode(run, parent[following].event.max_epochs)
+        run.writer.commit()
+
+
+def _started_length(records: Sequence[Record], default: int) -> int:
+    """The max_epochs env 0's first episode started with (`default` if the log has none)."""
+    return next((r.event.max_epochs for r in records if r.env == 0 and isinstance(r.event, ev.EpisodeStarted)),
+                default)
 
 
 def _epoch_at(records: Sequence[Record], seq: int) -> int:

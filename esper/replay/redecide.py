@@ -79,6 +79,10 @@ def _start_episode(env: int, batch: Sequence[Any]) -> cmd.Command:
                             slots_enabled=e.slots_enabled, max_epochs=e.max_epochs, evaluation=e.evaluation)
 
 
+def _extend_episode(env: int, batch: Sequence[Any]) -> cmd.Command:
+    return cmd.ExtendEpisode(env=env, max_epochs=batch[0].event.max_epochs)
+
+
 def _record_epoch(env: int, batch: Sequence[Any]) -> cmd.Command:
     metrics = batch[0].event
     measured: dict[str, dict[str, Any]] = {}
@@ -180,6 +184,7 @@ def _finish_run(env: Any, batch: Sequence[Any]) -> cmd.Command:
 _BY_FIRST = {
     ev.RunStarted: _start_run,
     ev.EpisodeStarted: _start_episode,
+    ev.EpisodeExtended: _extend_episode,
     ev.EpochCompleted: _record_epoch,
     ev.GateEvaluated: _gated_command,
     ev.StageChanged: _cull,

@@ -246,6 +246,10 @@ class Verifier:
         elif isinstance(event, ev.EpisodeFinished):
             self._check(epoch == env.epoch and event.epochs == env.epoch, seq, "dense_epochs",
                         f"epoch {env.epoch}", f"epoch {epoch}, epochs {event.epochs}")
+        elif isinstance(event, ev.EpisodeExtended):  # an episode only grows, from its folded length
+            self._check(epoch == env.epoch and event.previous_max_epochs == env.max_epochs < event.max_epochs, seq,
+                        "dense_epochs", f"epoch {env.epoch}, max_epochs from {env.max_epochs} to more",
+                        f"epoch {epoch}, max_epochs from {event.previous_max_epochs} to {event.max_epochs}")
         else:
             self._check(epoch == env.epoch, seq, "dense_epochs", f"epoch {env.epoch}", f"epoch {epoch}")
 

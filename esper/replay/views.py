@@ -107,14 +107,20 @@ SELECT run_id, env, episode, seq, epoch, slot, seed_id, blueprint, gate, gate_id
        c.comparator AS comparator
 FROM (SELECT *, unnest(checks) AS c, unnest(range(len(checks))) AS check_index FROM gate_verdicts)"""
 
+# `max_epochs` is the episode's length as it stands: the last EpisodeExtended's (a resume that
+# extended it), else EpisodeStarted's, which `initial_max_epochs` keeps.
 EPISODES = f"""
 WITH s AS ({_flat(ev.EpisodeStarted)}),
-     f AS ({_flat(ev.EpisodeFinished)})
-SELECT s.*, f.seq IS NOT NULL AS finished,
+     f AS ({_flat(ev.EpisodeFinished)}),
+     x AS (SELECT run_id, env, episode, arg_max(p.max_epochs, seq) AS max_epochs
+           FROM ({_payload(ev.EpisodeExtended, "max_epochs")}) GROUP BY ALL)
+SELECT s.* REPLACE (coalesce(x.max_epochs, s.max_epochs) AS max_epochs), s.max_epochs AS initial_max_epochs,
+       f.seq IS NOT NULL AS finished,
        f.seq IS NOT NULL OR s.episode < max(s.episode) OVER (PARTITION BY s.run_id, s.env) AS ended,
        f.epochs, f.final_val_acc, f.best_val_acc, f.final_val_loss, f.seeds_germinated, f.seeds_fossilized,
        f.seeds_culled, f.total_params, f.episode_return
-FROM s LEFT JOIN f ON f.run_id = s.run_id AND f.env = s.env AND f.episode = s.episode"""
+FROM s LEFT JOIN f ON f.run_id = s.run_id AND f.env = s.env AND f.episode = s.episode
+LEFT JOIN x ON x.run_id = s.run_id AND x.env = s.env AND x.episode = s.episode"""
 
 _STAGE_TIMES = ",\n".join(
     f"sum(coalesce(left_epoch, last_epoch) - epoch) FILTER (WHERE stage = {int(s)})::BIGINT AS epochs_{s.name.lower()}"
