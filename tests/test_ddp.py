@@ -5,9 +5,11 @@ the test instead of blocking the suite.
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from esper.compute.settings import TrainSettings
 from esper.compute.streams import DATA, generator
 from esper.compute.torch_backend import TorchBackend
 from esper.events import catalogue as ev
+from esper.events.codec import stable_payload
 from esper.events.log_reader import LogReader
 from esper.lifecycle.config import LifecycleConfig
 from esper.lifecycle.fold import fold
@@ -47,6 +50,18 @@ def esper(*args: str, env: dict | None = None, runner: list[str] | None = None) 
     command = runner or [sys.executable, "-m", "esper"]
     return subprocess.run([*command, "run", "--quiet", "--set", "run.threads=1", *args], capture_output=True,
                           text=True, timeout=120, env=env)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def torchrun(fault: str, *args: str) -> subprocess.CompletedProcess:
@@ -198,6 +213,40 @@ def test_two_ranks_stay_identical_and_log_what_one_process_logs(tmp_path):
         assert a.last_contribution is None or abs(a.last_contribution - b.last_contribution) <= 3.0
     for a, b in zip(epochs(tmp_path / "one"), epochs(tmp_path / "two"), strict=True):
         assert abs(a.val_acc - b.val_acc) <= 3.0 and a.n_val == b.n_val
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_run_resumes_under_two_ranks_to_the_same_log(tmp_path):
+    """kill -9 of every process once a few epochs are in, then `--resume --nproc 2`: rank 0 forks the
+    log, its checkpoint reaches rank 1 with the first epoch, and the payloads equal those of an
+    uninterrupted two-rank run (runtime §6.4)."""
+    args = ["--task", "digits", "--policy", "random", "--seed", "1", "--epochs", "8", "--nproc", "2",
+            "--out", str(tmp_path), *PERMISSIVE, *GUARDS]
+    whole = esper(*args, "--name", "whole")
+    assert whole.returncode == 0, whole.stderr
+    command = [sys.executable, "-m", "esper", "run", "--quiet", "--set", "run.threads=1", *args, "--name", "killed"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and process.poll() is None:
+            log = tmp_path / "killed" / "events.elog"
+            if log.exists() and len([e for e in epochs(tmp_path / "killed")]) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        workers = children(process.pid)  # torch's agent starts each in a session of its own
+        os.killpg(process.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    killed = records(tmp_path / "killed")
+    assert 3 <= len([r for r in killed if isinstance(r.event, ev.EpochCompleted)]) < 8
+    assert not any(isinstance(r.event, ev.RunFinished) for r in killed)
+    resumed = esper("--resume", str(tmp_path / "killed"), "--nproc", "2", "--set", "dist.timeout_s=60")
+    assert resumed.returncode == 0, resumed.stderr
+    log = records(tmp_path / "killed.r1")
+    assert log[0].event.forked_from is not None and log[0].event.world_size == 2
+    assert [stable_payload(r) for r in log[1:]] == [stable_payload(r) for r in records(tmp_path / "whole")[1:]]
 
 
 @pytest.mark.slow

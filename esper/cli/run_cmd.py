@@ -11,7 +11,7 @@ from esper.cli.run_failures import reported
 from esper.compute.distributed import check_batch, launcher_rank
 from esper.compute.launch import launch
 from esper.policy import run_config
-from esper.policy.runner import Run, create_run_dir, execute, load_data, resume
+from esper.policy.runner import Run, create_run_dir, execute, load_data, resume, resumed_run_config
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -60,18 +60,19 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
     with reported("run", "run"):
         if nproc is not None:
             sys.exit(_launch(ctx, nproc, backend, resume_dir, [layer], config_file, assignments))
-        if resume_dir is not None and backend == "ddp":
-            raise UserError("--resume does not support --backend ddp yet (resume the run without it)")
         if resume_dir is not None:
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
-            # Every option given is checked against the recorded configuration: none is ignored.
-            overrides: dict = {}
-            for given in ([run_config.read_file(config_file)] if config_file else []) + [layer] + \
-                    [run_config.parse_set(a) for a in assignments]:
-                overrides = run_config.merge(overrides, given)
-            the_run = resume(resume_dir, out, overrides, printer)
+            overrides = _overrides([layer], config_file, assignments)
+            config = resumed_run_config(resume_dir, overrides)[1]
+            data_loaded = load_data(config)
+            if not _rank_zero(config.run.backend, data_loaded.spec.batch_size):
+                # Another data-parallel rank: it replays nothing; rank 0's checkpoint reaches it
+                # with the first epoch's broadcast.
+                execute(Run(config, None, data_loaded))
+                return
+            the_run = resume(resume_dir, out, overrides, printer, data_loaded)
             outcome = execute(the_run, resume=True)
         else:
             layers = [run_config.read_file(config_file)] if config_file else []
@@ -109,14 +110,25 @@ def _launch(ctx: click.Context, nproc: int, backend: str | None, resume_dir: Pat
     if backend not in (None, "ddp"):
         raise UserError(f"--nproc runs the ddp backend, not {backend} (omit --backend)")
     if resume_dir is not None:
-        raise UserError("--resume does not support --nproc yet (resume the run without it)")
-    found = [run_config.read_file(config_file)] if config_file else []
-    config = run_config.resolve(*found, *layers, {"run": {"backend": "ddp"}},
-                                *[run_config.parse_set(a) for a in assignments])
+        config = resumed_run_config(resume_dir, _overrides([*layers, {"run": {"backend": "ddp"}}], config_file,
+                                                           assignments))[1]
+    else:
+        found = [run_config.read_file(config_file)] if config_file else []
+        config = run_config.resolve(*found, *layers, {"run": {"backend": "ddp"}},
+                                    *[run_config.parse_set(a) for a in assignments])
     if config.run.backend != "ddp":
         raise UserError(f"--nproc runs the ddp backend, not {config.run.backend} (drop --set run.backend)")
     check_batch(load_data(config).spec.batch_size, nproc)
     return launch(nproc, _worker_args(ctx))
+
+
+def _overrides(layers: list[dict], config_file: Path | None, assignments: tuple[str, ...]) -> dict:
+    """One layer of every option given: on resume each is checked against the recorded run."""
+    overrides: dict = {}
+    for given in ([run_config.read_file(config_file)] if config_file else []) + layers + \
+            [run_config.parse_set(a) for a in assignments]:
+        overrides = run_config.merge(overrides, given)
+    return overrides
 
 
 def _worker_args(ctx: click.Context) -> list[str]:

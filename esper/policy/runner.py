@@ -416,18 +416,18 @@ def drive(job: Any, resume: bool, close: Callable[[], None]) -> str:
 
 
 def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
-           on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None) -> Run:
+           on_epoch: Callable[[Engine, ev.EpochCompleted], None] | None = None, data: TaskData | None = None) -> Run:
     """A fork at the newest usable checkpoint into `<parent>.r<k>` (runtime §6.4).
 
-    `overrides` is a config layer (sections of keys, as `--config`, the flags and `--set` give):
+    `overrides` is a config layer (sections of keys, as `--config`, the flags and `--set` give;
+    `data`, when given, was loaded for the configuration they resolve to):
     only `run.device` may differ from the recorded configuration, and `run.epochs` may grow. A
     larger `run.epochs` extends the episode the checkpoint left running (EpisodeExtended, before its
     next epoch); with no usable checkpoint the run starts again with the new length."""
-    records, recorded = read_parent(parent, "run")
-    config = resumed_config(recorded, overrides, extend=("run.epochs", "--epochs"))
+    records, config = resumed_run_config(parent, overrides)
     cut, checkpoint = _usable_checkpoint(parent, records)
     run_dir = sibling_dir(parent, out)
-    run = Run(config, run_dir, load_data(config), on_epoch)
+    run = Run(config, run_dir, data or load_data(config), on_epoch)
     origin = fork_origin(parent, records, cut)
     engine = run.engine
     engine.start_run(run.header(origin), config.run.seed)
@@ -451,12 +451,20 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
             run.finish("failed", failure)
         finally:
             run.writer.close()
+            if isinstance(run.backend, distributed.Leader):
+                run.backend.close()  # the other ranks wait for the epoch that will not come
         raise failure from None
     env = engine.state.envs.get(0)
     if env is not None and env.status == "running" and config.run.epochs > env.max_epochs:
         extend_episode(run, config.run.epochs)  # a larger --epochs: before the next epoch
     run.writer.commit()
     return run
+
+
+def resumed_run_config(parent: Path, overrides: dict[str, Any]) -> tuple[list, RunConfig]:
+    """The parent's records, and the configuration a resume of it runs with."""
+    records, recorded = read_parent(parent, "run")
+    return records, resumed_config(recorded, overrides, extend=("run.epochs", "--epochs"))
 
 
 def extend_episode(run: Run, max_epochs: int) -> None:
@@ -574,4 +582,4 @@ def _copy_prefix(run: Run, records: list) -> None:
 
 
 __all__ = ["ConfigError", "Run", "RunError", "RunOutcome", "create_run_dir", "execute", "extend_episode", "load_data",
-           "resume"]
+           "resume", "resumed_run_config"]
