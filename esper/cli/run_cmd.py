@@ -1,5 +1,6 @@
 """`esper run`: train a host and grow it under a policy (runtime §7.1)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,11 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
             overrides = _overrides([layer], config_file, assignments)
-            config = resumed_run_config(resume_dir, overrides)[1]
+            records, config = resumed_run_config(resume_dir, overrides)
+            if config.run.backend == "ddp" and "WORLD_SIZE" not in os.environ:
+                world = records[0].event.world_size if records else "N"
+                raise UserError(f"'{resume_dir}' is a ddp run: resume it with esper run --resume {resume_dir} "
+                                f"--nproc {world} (or under torchrun)")
             data_loaded = load_data(config)
             if not _rank_zero(config.run.backend, data_loaded.spec.batch_size):
                 # Another data-parallel rank: it replays nothing; rank 0's checkpoint reaches it
@@ -92,7 +97,9 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
     click.echo(f"{outcome.status}: {outcome.epochs} epochs; {summary}")
     click.echo(f"run directory: {outcome.run_dir}")
     if outcome.status == "interrupted":
-        click.echo(f"resume with: esper run --resume {outcome.run_dir}", err=True)
+        world = getattr(the_run.backend, "world_size", 1)
+        click.echo(f"resume with: esper run --resume {outcome.run_dir}" + (f" --nproc {world}" if world > 1 else ""),
+                   err=True)
         sys.exit(EXIT_INTERRUPTED)
 
 

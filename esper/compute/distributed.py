@@ -158,9 +158,11 @@ class Leader(_Rank):
     def close(self) -> None:
         """Release the other ranks; after a failure inside a pass they are in its collectives, and
         only the launcher stopping them or the timeout ends them."""
-        if self.open and not self.passing:
-            self._broadcast(([], (STOP, ())))
-        self._close()
+        try:
+            if self.open and not self.passing:
+                self._broadcast(([], (STOP, ())))
+        finally:
+            self._close()
 
 
 class Follower(_Rank):

@@ -4,6 +4,7 @@ The run directory (runtime §6.1) holds `config.toml`, `events.elog` and `checkp
 run is a fork (events §7) into a sibling directory; the interrupted one is never modified.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ from esper.compute.blueprints import catalogue
 from esper.compute import distributed
 from esper.compute.checkpoints import prune, read_checkpoint, write_checkpoint
 from esper.compute.engine import Engine
-from esper.compute.errors import SetupError
+from esper.compute.errors import PeerLost, SetupError
 from esper.compute.governor import Governor
 from esper.compute.precision import check_precision
 from esper.compute.run_header import run_started
@@ -377,11 +378,18 @@ def execute(run: Run, resume: bool = False) -> RunOutcome:
         with Interrupt():
             run.backend.follow()
         return RunOutcome(run_dir=run.run_dir, status="followed", epochs=0, final={}, seeds=())
+    leader = isinstance(run.backend, distributed.Leader)
     try:
-        return _execute(run, resume)
-    finally:
-        if isinstance(run.backend, distributed.Leader):
-            run.backend.close()  # release the other ranks, whatever happened here
+        outcome = _execute(run, resume)
+    except BaseException:
+        if leader:
+            # Release the other ranks; if they are gone, what stopped this one is the error to report.
+            with contextlib.suppress(PeerLost):
+                run.backend.close()
+        raise
+    if leader:
+        run.backend.close()
+    return outcome
 
 
 def _execute(run: Run, resume: bool) -> RunOutcome:
