@@ -23,6 +23,7 @@ i.e. each time a prefix of the log has been acknowledged as durable.
     or after it (F >= 0.5).
 """
 
+import faulthandler
 import json
 import os
 import select
@@ -119,6 +120,8 @@ def _child(request: dict) -> None:
     err = os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(err, 2)
+    # SIGUSR1 prints every thread's stack to stderr: how a test shows where a child hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     code = 70
     try:
         _instrument(request["ack"], request.get("pause"))

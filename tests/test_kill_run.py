@@ -124,7 +124,10 @@ def one_round(zygote: Zygote, kind: str, slot: int, rng: random.Random, out: Pat
         while code is None and not target.exists() and time.monotonic() - started < 60:
             code = zygote.ended(0)
         if code is None and not target.exists():
-            pytest.fail(f"round never reached {target}")
+            os.kill(pid, signal.SIGUSR1)  # the child's stacks, to see where it stands
+            time.sleep(1)
+            pytest.fail(f"round never reached {target}; the child's stacks:\n"
+                        f"{files.with_suffix('.err').read_text() if files.with_suffix('.err').exists() else ''}")
     else:
         moment = f"paused at {pause}"
         zygote.wait_paused(files)
