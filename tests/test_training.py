@@ -212,3 +212,20 @@ class TestGovernor:
         assert g.consecutive == 0 and not g.exhausted
         g.rolled_back()
         assert g.exhausted
+
+
+def test_a_checkpoint_of_a_non_fused_optimizer_loads_fused(digits):
+    """Checkpoints written before the optimizers were fused still resume, and step on the device's
+    skip flag."""
+    a = backend(digits)
+    a.run_epoch(EpochPlan(1))
+    state = a.state_dict()
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = False
+    b = backend(digits)
+    b.load_state_dict(state)
+    assert all(group["fused"] for group in b.optimizer.param_groups)
+    a.run_epoch(EpochPlan(2))
+    b.run_epoch(EpochPlan(2))
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k

@@ -50,10 +50,10 @@ def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 
 def load_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """A checkpoint's optimizer state; the groups stay fused whatever the checkpoint recorded."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = True, None
+    """A checkpoint's optimizer state, fused whatever the checkpoint recorded: set before loading,
+    since loading puts a fused AdamW's step counters on the parameters' device."""
+    groups = [{**group, "fused": True, "foreach": None} for group in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def add_seed_group(optimizer: torch.optim.Optimizer, slot: str, params: list[nn.Parameter],
