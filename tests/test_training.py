@@ -73,6 +73,7 @@ def test_an_epoch_reads_one_value_back_from_the_device(digits, monkeypatch, amp)
     assert train.seeds["mid"].grad_ratio > 0 and train.seeds["late"].isolation_leaks == 0
     assert val.shadows["mid"].examples == val.ablations["late"].examples == val.main.examples
     assert (train.amp_scale is None) == (amp == "off")
+    assert train.peak_memory_bytes is None  # measured on CUDA only (events §4.3: null on CPU)
 
 
 def test_fused_and_sequential_counterfactuals_agree(digits):

@@ -48,6 +48,7 @@ class TrainStats:
     seconds: float
     amp_scale: float | None = None  # the fp16 gradient scaler's scale at the end of the epoch
     recompiles: int | None = None  # graphs compiled during the pass (None: not compiling)
+    peak_memory_bytes: int | None = None  # the device's peak over the epoch's passes (None on CPU)
 
 
 @attrs.frozen

@@ -269,7 +269,7 @@ class Engine:
             non_finite=train.non_finite, rolled_back=self.memory.rolled_back,
             train_time_s=train.seconds, val_time_s=val.seconds, counterfactual_time_s=val.counterfactual_seconds,
             samples_per_s=train.samples / train.seconds if train.seconds > 0 else 0.0, wall_time_s=seconds,
-            amp_scale=train.amp_scale,
+            amp_scale=train.amp_scale, peak_memory_bytes=train.peak_memory_bytes,
             recompiles=None if train.recompiles is None else train.recompiles + (val.recompiles or 0),
         )
         measurements = []

@@ -150,12 +150,17 @@ class TorchBackend:
     def run_epoch(self, plan: EpochPlan) -> tuple[TrainStats, ValStats]:
         """Train, then validate. Under ddp the running statistics are averaged between the two
         passes, and every measurement of the epoch is reduced in one all-reduce after validation."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         training = self._train(plan)
         if self.parallel is not None:
             self.parallel.average_running_statistics(self.model)
         train, val = settle([training, self._validation(plan.ablate, plan.shadow, plan.all_off)], self.parallel)
         if self.parallel is not None:
             self.parallel.verify(self.model, plan.epoch)
+        if cuda:  # the allocator's own count: no wait for the device
+            train = attrs.evolve(train, peak_memory_bytes=torch.cuda.max_memory_allocated(self.device))
         return train, val
 
     def _train(self, plan: EpochPlan) -> Pending:
