@@ -176,6 +176,17 @@ def test_ddp_outside_torchrun_is_a_one_line_error(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "torch"], "--nproc runs the ddp backend, not torch (omit --backend)"),
+    (["--set", "run.backend='simulated'"], "--nproc runs the ddp backend, not simulated (drop --set run.backend)"),
+])
+def test_nproc_with_another_backend_is_refused_before_any_process_starts(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["run", "--quiet", "--task", "digits", "--nproc", "2", "--out", str(tmp_path),
+                                      *args])
+    assert result.exit_code == 2 and result.stderr == f"esper: error: {message}\n", result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_any_starts(tmp_path):
     result = CliRunner().invoke(cli, ["run", "--quiet", "--task", "digits", "--nproc", "3", "--out", str(tmp_path)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "64" in result.stderr

@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 
 from esper.cli.errors import EXIT_INTERRUPTED, UserError
+from esper.cli.options import csv_list, merged, worker_args
 from esper.cli.progress import EpochPrinter, seeds_table
 from esper.cli.run_failures import reported
 from esper.compute.distributed import check_batch, launcher_rank
 from esper.compute.launch import launch
 from esper.policy import run_config
 from esper.policy.runner import Run, create_run_dir, execute, load_data, resume, resumed_run_config
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 @click.command("run")
@@ -47,7 +44,7 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
     """Train a host network and grow seeds in its slots; every fact goes to the run's event log."""
     flags = {
         "task": task, "data": str(data) if data else None, "policy": policy, "epochs": epochs,
-        "slots": _csv(slots), "blueprints": _csv(blueprints), "seed": seed, "device": device,
+        "slots": csv_list(slots), "blueprints": csv_list(blueprints), "seed": seed, "device": device,
         "backend": backend, "fsync": fsync,
     }
     layer = {"run": {k: v for k, v in flags.items() if v is not None}}
@@ -59,13 +56,15 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
         layer.setdefault("train", {})["compile"] = True
     printer = None if quiet else EpochPrinter()
     with reported("run", "run"):
+        layers = [run_config.read_file(config_file)] if config_file else []
+        layers += [layer] + [run_config.parse_set(a) for a in assignments]
         if nproc is not None:
-            sys.exit(_launch(ctx, nproc, backend, resume_dir, [layer], config_file, assignments))
+            sys.exit(_launch(ctx, nproc, backend, resume_dir, layers))
         if resume_dir is not None:
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
-            overrides = _overrides([layer], config_file, assignments)
+            overrides = merged(layers)
             records, config = resumed_run_config(resume_dir, overrides)
             if config.run.backend == "ddp" and "WORLD_SIZE" not in os.environ:
                 world = records[0].event.world_size if records else "N"
@@ -80,8 +79,6 @@ def run(ctx, task, data, policy, epochs, slots, blueprints, max_seeds, seed, dev
             the_run = resume(resume_dir, out, overrides, printer, data_loaded)
             outcome = execute(the_run, resume=True)
         else:
-            layers = [run_config.read_file(config_file)] if config_file else []
-            layers += [layer] + [run_config.parse_set(a) for a in assignments]
             config = run_config.resolve(*layers)
             data_loaded = load_data(config)
             if not _rank_zero(config.run.backend, data_loaded.spec.batch_size):
@@ -111,43 +108,19 @@ def _rank_zero(backend: str, batch_size: int) -> bool:
     return rank == 0
 
 
-def _launch(ctx: click.Context, nproc: int, backend: str | None, resume_dir: Path | None, layers: list[dict],
-            config_file: Path | None, assignments: tuple[str, ...]) -> int:
+def _launch(ctx: click.Context, nproc: int, backend: str | None, resume_dir: Path | None, layers: list[dict]) -> int:
     """Check everything here, so a user error is one line before any process starts; then torchrun."""
     if backend not in (None, "ddp"):
         raise UserError(f"--nproc runs the ddp backend, not {backend} (omit --backend)")
+    # What the workers resolve: the file and flags, their --backend ddp, then every --set (so a
+    # --set run.backend wins, and is refused below).
+    flags = len(layers) - len(ctx.params["assignments"])
+    layers = [*layers[:flags], {"run": {"backend": "ddp"}}, *layers[flags:]]
     if resume_dir is not None:
-        config = resumed_run_config(resume_dir, _overrides([*layers, {"run": {"backend": "ddp"}}], config_file,
-                                                           assignments))[1]
+        config = resumed_run_config(resume_dir, merged(layers))[1]
     else:
-        found = [run_config.read_file(config_file)] if config_file else []
-        config = run_config.resolve(*found, *layers, {"run": {"backend": "ddp"}},
-                                    *[run_config.parse_set(a) for a in assignments])
+        config = run_config.resolve(*layers)
     if config.run.backend != "ddp":
         raise UserError(f"--nproc runs the ddp backend, not {config.run.backend} (drop --set run.backend)")
     check_batch(load_data(config).spec.batch_size, nproc)
-    return launch(nproc, _worker_args(ctx))
-
-
-def _overrides(layers: list[dict], config_file: Path | None, assignments: tuple[str, ...]) -> dict:
-    """One layer of every option given: on resume each is checked against the recorded run."""
-    overrides: dict = {}
-    for given in ([run_config.read_file(config_file)] if config_file else []) + layers + \
-            [run_config.parse_set(a) for a in assignments]:
-        overrides = run_config.merge(overrides, given)
-    return overrides
-
-
-def _worker_args(ctx: click.Context) -> list[str]:
-    """The options this command was given, less `--nproc`, plus `--backend ddp`."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params[param.name]
-        if param.name in ("nproc", "backend") or value is None or value is False or value == ():
-            continue
-        if getattr(param, "is_flag", False):
-            args.append(param.opts[0])
-            continue
-        for item in value if param.multiple else [value]:
-            args += [param.opts[0], str(item)]
-    return args + ["--backend", "ddp"]
+    return launch(nproc, worker_args(ctx, ("nproc", "backend")) + ["--backend", "ddp"])

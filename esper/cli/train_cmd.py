@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from esper.cli.errors import EXIT_INTERRUPTED, UserError
-from esper.cli.options import csv_list
+from esper.cli.options import csv_list, merged, worker_args
 from esper.cli.run_failures import reported
 from esper.compute.launch import launch
 from esper.policy import run_config
@@ -115,7 +115,7 @@ def train_policy(ctx, config_file, assignments, out, name, resume_dir, dist_mode
             if name:
                 raise UserError("--name has no meaning with --resume (the resumed run is named <run>.r<k>; "
                                 "--out chooses where it goes)")
-            trainer = resume_training(resume_dir, out, _overrides(layers), dist_mode=dist_mode)
+            trainer = resume_training(resume_dir, out, merged(layers), dist_mode=dist_mode)
             if not quiet and trainer.leader:
                 trainer.on_round, trainer.on_evaluation = _print_round(trainer.config.ppo.rounds), _print_evaluation
             outcome = execute_training(trainer, resume=True)
@@ -161,32 +161,9 @@ def _launch(ctx: click.Context, nproc: int, dist_mode: str, resume_dir: Path | N
     if dist_mode == "off":
         raise UserError("--nproc starts a distributed training, which --dist off refuses (drop one of them)")
     if resume_dir is not None:
-        config = resumed_training_config(resume_dir, _overrides(layers))[1]
+        config = resumed_training_config(resume_dir, merged(layers))[1]
     else:
         config = run_config.resolve(*layers)
     check_envs(config.ppo.envs, nproc)
     load_data(config, check_policy=False)
-    return launch(nproc, _worker_args(ctx), command="train-policy")
-
-
-def _overrides(layers: list[dict]) -> dict:
-    """One config layer of every option given: on resume each is checked against the recorded run."""
-    overrides: dict = {}
-    for given in layers:
-        overrides = run_config.merge(overrides, given)
-    return overrides
-
-
-def _worker_args(ctx: click.Context) -> list[str]:
-    """The options this command was given, less `--nproc`."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params[param.name]
-        if param.name == "nproc" or value is None or value is False or value == ():
-            continue
-        if getattr(param, "is_flag", False):
-            args.append(param.opts[0])
-            continue
-        for item in value if param.multiple else [value]:
-            args += [param.opts[0], str(item)]
-    return args
+    return launch(nproc, worker_args(ctx, ("nproc",)), command="train-policy")
