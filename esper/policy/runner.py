@@ -452,9 +452,7 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
         engine.snapshot = checkpoint["snapshot"]
         run.first_epoch = checkpoint["epoch"] + 1
     except Exception as error:  # shapes, groups, names or keys the configuration does not have
-        problem = " ".join(str(error).split())[:300] or type(error).__name__
-        failure = RunError(f"checkpoint '{parent / records[cut].event.path}' does not match the run's "
-                           f"configuration: {problem} (it was not written by this run)")
+        failure = checkpoint_mismatch(parent / records[cut].event.path, error)
         try:
             run.finish("failed", failure)
         finally:
@@ -467,6 +465,12 @@ def resume(parent: Path, out: Path | None, overrides: dict[str, Any],
         extend_episode(run, config.run.epochs)  # a larger --epochs: before the next epoch
     run.writer.commit()
     return run
+
+
+def checkpoint_mismatch(path: Path, error: Exception) -> RunError:
+    problem = " ".join(str(error).split())[:300] or type(error).__name__
+    return RunError(f"checkpoint '{path}' does not match the run's configuration: {problem} (it was not written "
+                    "by this run)")
 
 
 def resumed_run_config(parent: Path, overrides: dict[str, Any]) -> tuple[list, RunConfig]:

@@ -22,7 +22,7 @@ from esper.lifecycle.fold import fold
 from esper.policy.dist_ranks import join
 from esper.policy.run_config import RunConfig
 from esper.policy.runner import (
-    RunError,
+    checkpoint_mismatch,
     drive,
     fork_origin,
     load_data,
@@ -75,9 +75,7 @@ def resume_training(parent: Path, out: Path | None, overrides: dict[str, Any],
         try:
             trainer.restore(checkpoint)
         except Exception as error:
-            problem = " ".join(str(error).split())[:300] or type(error).__name__
-            failure = RunError(f"checkpoint '{parent / records[cut].event.path}' does not match the run's "
-                               f"configuration: {problem} (it was not written by this run)")
+            failure = checkpoint_mismatch(parent / records[cut].event.path, error)
             try:
                 trainer.finish("failed", failure)
             finally:
