@@ -25,25 +25,17 @@ from pathlib import Path
 
 import torch
 
+from random_cifar import random_cifar
+
 from esper.compute.backend import EpochPlan
 from esper.compute.settings import TrainSettings
 from esper.compute.torch_backend import TorchBackend
 from esper.events import catalogue as ev
 from esper.events.log_reader import LogReader
 from esper.lifecycle.config import LifecycleConfig
-from esper.tasks import TASKS, Split, TaskData, load_task
+from esper.tasks import TaskData, load_task
 
 SLOTS = ("early", "mid", "late")
-
-
-def random_cifar(n_train: int, n_val: int, seed: int = 0) -> TaskData:
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n: int) -> Split:
-        images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        return Split(images, torch.randint(0, 10, (n,), generator=g, dtype=torch.int64))
-
-    return TaskData(TASKS["cifar10"], split(n_train), split(n_val), split(n_val), data_digest=None)
 
 
 def grown(data: TaskData, amp: str) -> TorchBackend:
@@ -111,7 +103,8 @@ def main() -> None:
     torch.set_num_threads(1)  # the process comparison gives each rank one thread; so does this
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, CPU")
     digits = precision("digits", load_task("digits"), args.pairs)
-    cifar = precision("cifar10", random_cifar(args.cifar_train, args.cifar_train // 4), max(2, args.pairs // 2))
+    held_out = args.cifar_train // 4
+    cifar = precision("cifar10", random_cifar(args.cifar_train, held_out, held_out), max(2, args.pairs // 2))
     one, _, two = processes(args.epochs)
     print(f"RESULT bf16_over_fp32_digits={digits:.3f} bf16_over_fp32_cifar10={cifar:.3f} "
           f"two_procs_over_one_digits={two / one:.3f}")

@@ -1,6 +1,6 @@
 """CUDA epoch time of the `cifar10` host: fp32, bf16 and fp16 autocast, each eager and compiled.
 
-The host is fed random 32x32 uint8 images (amp_ddp.py's `random_cifar`), with a `conv_light` seed
+The host is fed random 32x32 uint8 images (`random_cifar.py`), with a `conv_light` seed
 blended into `mid` at alpha 0.5, so every epoch is a training pass that measures the seed's gradient
 ratio plus a validation fused with its ablation, as in a run. Six torch backends start from the same
 seeds: fp32 / bf16 / fp16 autocast (fp16 with the GradScaler the backend builds) x eager / compiled
@@ -35,7 +35,8 @@ from typing import Callable, Iterator
 import attrs
 import torch
 
-from amp_ddp import SLOTS, random_cifar
+from amp_ddp import SLOTS
+from random_cifar import random_cifar
 
 from esper.compute.backend import EpochPlan, TrainStats, ValStats
 from esper.compute.errors import SetupError
@@ -172,7 +173,7 @@ def main() -> None:
         torch.use_deterministic_algorithms(True)
     print(describe(device))
 
-    data = random_cifar(args.train, args.train // 5)  # CIFAR-10's 50000 / 10000
+    data = random_cifar(args.train, args.train // 5, args.train // 5)  # CIFAR-10's 50000 / 10000
     if args.batch:
         data = attrs.evolve(data, spec=attrs.evolve(data.spec, batch_size=args.batch))
     for name in list(names):

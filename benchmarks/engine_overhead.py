@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from random_cifar import random_cifar
 
 from esper.compute import optimizer as opt
 from esper.compute.blueprints import get_blueprint
@@ -57,7 +58,7 @@ from esper.lifecycle.decide import state_digest
 from esper.policy.actions import GERMINATE, head_values, legal_summary, valid_actions
 from esper.policy.run_config import RunConfig, resolve
 from esper.policy.runner import CHECKPOINT_FORMAT, Run, execute
-from esper.tasks import TASKS, Split, TaskData, eval_batches, train_batches
+from esper.tasks import TaskData, eval_batches, train_batches
 
 GERMINATE_AT = 2  # decision at the end of epoch 2: TRAINING in epoch 3, BLENDING from epoch 4
 SLOT, BLUEPRINT = "mid", "conv_light"
@@ -65,17 +66,6 @@ RUN_SEED = 0
 
 
 # -- data and configuration -------------------------------------------------------------------
-
-
-def random_cifar(n_train: int, n_val: int, n_test: int, seed: int = 0) -> TaskData:
-    """The `cifar10` task spec over random uint8 images (N, 3, 32, 32) and int64 labels in 0-9."""
-    g = torch.Generator().manual_seed(seed)
-
-    def split(n: int) -> Split:
-        images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-        return Split(images, torch.randint(0, 10, (n,), generator=g, dtype=torch.int64))
-
-    return TaskData(TASKS["cifar10"], split(n_train), split(n_val), split(n_test), data_digest=None)
 
 
 def make_config(epochs: int, threads: int) -> RunConfig:
